@@ -1,0 +1,1 @@
+"""Datasets, transforms and loaders. Samples are uint8; normalisation happens on the device."""
