@@ -103,3 +103,26 @@ def markdown_table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> s
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(fmt(v) for v in row) + " |" for row in rows]
     return "\n".join(lines)
+
+
+@dataclass
+class BenchOptions:
+    """Options shared by every benchmark section (set by ``tools/benchmark.py``)."""
+
+    device: str = "cpu"
+    repeats: int = 10
+    warmup: int = 3
+    quick: bool = False  # smaller sizes and fewer repeats, for smoke tests
+
+
+@dataclass
+class Section:
+    """What one benchmark section returns: a markdown table, JSON records, and what it skipped.
+
+    Each ``seg/bench/<area>.py`` exposes ``run(options: BenchOptions) -> Section``.
+    """
+
+    title: str
+    markdown: str
+    records: list[dict[str, Any]] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
