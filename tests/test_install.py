@@ -36,7 +36,6 @@ def test_seg_imports_with_version() -> None:
 
 def test_torchvision_matches_torch_and_runs_an_op() -> None:
     import torchvision
-
     from packaging.requirements import Requirement
     from packaging.version import Version
 
