@@ -32,7 +32,7 @@ $(STAMP):
 # The stamp covers the dependencies; the editable link to this checkout is re-made (cheaply,
 # without dependencies) when the venv was installed from another clone, e.g. a cached CI venv.
 install: $(STAMP)
-	@cd / && $(abspath $(PY)) -c "import pathlib,sys,seg; sys.exit(pathlib.Path(seg.__file__).resolve().parent != pathlib.Path('$(CURDIR)/seg').resolve())" 2>/dev/null \
+	@(cd / && $(abspath $(PY)) -c "import pathlib,sys,seg; sys.exit(pathlib.Path(seg.__file__).resolve().parent != pathlib.Path('$(CURDIR)/seg').resolve())") 2>/dev/null \
 		|| $(PY) -m pip install --quiet --no-deps -e .
 
 data: install
