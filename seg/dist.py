@@ -1,0 +1,85 @@
+"""Small helpers for DDP runs started by ``torchrun``.
+
+Everything here also works in a plain single process: rank 0, world size 1, and
+collectives that do nothing. ``torchrun`` sets ``RANK``, ``WORLD_SIZE`` and ``LOCAL_RANK``;
+:func:`init_distributed` reads them and picks NCCL on CUDA machines, Gloo on CPU.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.distributed as dist
+
+
+def env_world_size() -> int:
+    """World size announced by ``torchrun`` (1 when not launched by it)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def init_distributed(backend: str | None = None) -> bool:
+    """Join the process group described by torchrun's environment variables.
+
+    Returns True when running distributed (world size > 1). Calling it again, or in a
+    plain single process, is harmless. On CUDA machines each process is pinned to the GPU
+    ``LOCAL_RANK`` so that NCCL collectives use the right device.
+    """
+    if dist.is_available() and dist.is_initialized():
+        return True
+    if env_world_size() <= 1:
+        return False
+    use_cuda = torch.cuda.is_available()
+    if use_cuda:
+        torch.cuda.set_device(local_rank())
+    dist.init_process_group(backend=backend or ("nccl" if use_cuda else "gloo"))
+    return True
+
+
+def is_distributed() -> bool:
+    """True inside an initialised process group."""
+    return dist.is_available() and dist.is_initialized()
+
+
+def get_rank() -> int:
+    return dist.get_rank() if is_distributed() else 0
+
+
+def get_world_size() -> int:
+    return dist.get_world_size() if is_distributed() else 1
+
+
+def local_rank() -> int:
+    """Index of this process on its machine (``LOCAL_RANK``; 0 without torchrun)."""
+    return int(os.environ.get("LOCAL_RANK", "0"))
+
+
+def is_main() -> bool:
+    """True on the process that prints and writes files (rank 0)."""
+    return get_rank() == 0
+
+
+def default_device() -> torch.device:
+    """This process's device: its own GPU under DDP, ``cuda`` if present, else CPU."""
+    if torch.cuda.is_available():
+        return torch.device("cuda", local_rank())
+    return torch.device("cpu")
+
+
+def barrier() -> None:
+    """Wait for every process (no-op in a single process)."""
+    if is_distributed():
+        dist.barrier()
+
+
+def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
+    """Sum ``tensor`` over all processes, in place; returns it (no-op in one process)."""
+    if is_distributed():
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor
+
+
+def cleanup() -> None:
+    """Leave the process group, if one was joined."""
+    if is_distributed():
+        dist.destroy_process_group()

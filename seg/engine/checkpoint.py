@@ -1,0 +1,152 @@
+"""Atomic checkpoint saving and safe loading.
+
+A checkpoint is one ``torch.save`` file holding a dict with keys ``model``, ``optimizer``,
+``scheduler``, ``scaler`` (state dicts), ``iteration`` (int), ``rng``, ``config`` (the
+resolved config as plain containers) and ``metrics``. Only tensors and plain Python
+containers go in, so that :func:`load_checkpoint` can use ``weights_only=True``: a
+hostile file cannot run code while it is read.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import tempfile
+import zipfile
+from collections.abc import Callable, Iterable, Mapping
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import torch
+
+from seg.errors import CheckpointError
+
+CHECKPOINT_KEYS = (
+    "model",
+    "optimizer",
+    "scheduler",
+    "scaler",
+    "iteration",
+    "rng",
+    "config",
+    "metrics",
+)
+#: Keys needed to evaluate a checkpoint; resuming training asks for all of ``CHECKPOINT_KEYS``.
+EVAL_KEYS = ("model", "config")
+
+
+def _fsync_dir(directory: Path) -> None:
+    """Make a rename durable (POSIX); silently skipped where directories cannot be opened."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_write(path: str | os.PathLike[str], write: Callable[[BinaryIO], None]) -> None:
+    """Create ``path`` atomically: ``write(file)`` fills a temporary file in the same
+    folder, which is fsynced and renamed over ``path``.
+
+    If anything fails (or the process dies) before the rename, ``path`` keeps its previous
+    content; on an exception the temporary file is removed.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as file:
+            write(file)
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(tmp_name, path)
+    except BaseException:
+        Path(tmp_name).unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+
+
+def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
+    """Write ``data`` to ``path`` atomically (see :func:`atomic_write`)."""
+    atomic_write(path, lambda file: file.write(data))
+
+
+def save_checkpoint(path: str | os.PathLike[str], payload: Mapping[str, Any]) -> None:
+    """Save ``payload`` (a checkpoint dict) to ``path`` atomically with ``torch.save``."""
+    atomic_write(path, lambda file: torch.save(dict(payload), file))
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {text[0]}" if text else type(error).__name__
+
+
+def load_checkpoint(
+    path: str | os.PathLike[str],
+    map_location: str | torch.device = "cpu",
+    required_keys: Iterable[str] = EVAL_KEYS,
+) -> dict[str, Any]:
+    """Load a checkpoint with ``torch.load(weights_only=True)`` and check its keys.
+
+    Raises:
+        CheckpointError: one line naming ``path``, for a missing or unreadable file, a
+            file that is not a PyTorch zip archive, a truncated file, content refused by
+            the weights-only unpickler (objects that could run code), a top-level object
+            that is not a dict, or missing ``required_keys``.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint is not a file: {path}")
+    try:
+        with path.open("rb") as file:
+            head = file.read(4)
+    except OSError as error:
+        raise CheckpointError(f"cannot read checkpoint {path}: {_first_line(error)}") from None
+    if not head:
+        raise CheckpointError(f"checkpoint {path} is empty")
+    if not zipfile.is_zipfile(path):
+        if head == b"PK\x03\x04":
+            # A zip's directory sits at its end: a zip start without it means a cut-off file.
+            raise CheckpointError(
+                f"checkpoint {path} is truncated or corrupt (zip archive without its end)"
+            )
+        raise CheckpointError(f"{path} is not a PyTorch checkpoint (not a torch.save zip file)")
+    try:
+        checkpoint = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as error:
+        # torch's message is long; keep its line naming the refused global, if any.
+        detail = next(
+            (ln.strip() for ln in str(error).splitlines() if "GLOBAL" in ln or "Unsupported" in ln),
+            "",
+        )
+        raise CheckpointError(
+            f"refused to load checkpoint {path}: it holds objects other than tensors and "
+            f"plain containers, which could run code when unpickled"
+            + (f" ({detail[:160]})" if detail else "")
+        ) from None
+    except Exception as error:
+        message = _first_line(error)
+        if "PytorchStreamReader" in message or isinstance(error, EOFError):
+            raise CheckpointError(
+                f"checkpoint {path} is truncated or corrupt ({message[:160]})"
+            ) from None
+        raise CheckpointError(f"cannot load checkpoint {path}: {message[:200]}") from None
+    if not isinstance(checkpoint, dict):
+        raise CheckpointError(
+            f"{path} is not a seg checkpoint: it holds a {type(checkpoint).__name__}, not a dict"
+        )
+    missing = [key for key in required_keys if key not in checkpoint]
+    if missing:
+        raise CheckpointError(f"checkpoint {path} lacks required keys {missing}")
+    if "model" in checkpoint and not isinstance(checkpoint["model"], dict):
+        raise CheckpointError(f"checkpoint {path}: 'model' is not a state dict")
+    if "config" in checkpoint and not isinstance(checkpoint["config"], dict):
+        raise CheckpointError(f"checkpoint {path}: 'config' is not a dict")
+    return checkpoint
