@@ -1,0 +1,482 @@
+"""Segmentation losses: OHEM cross-entropy, cross-entropy, focal loss, and their per-head sum.
+
+Every loss maps ``logits`` N x C x H x W (any float dtype) and ``labels`` int64 N x H x W
+(train ids, ``ignore_index`` = ignore) to a float32 scalar. Work happens in float32 with
+autocast off, so thresholds and logs are never evaluated in half precision.
+
+All three losses are functions of ``log p_t`` (the log-probability of each pixel's label)
+and share one autograd function, ``_LabelLogProbLoss``. Its backward needs only a per-pixel
+coefficient ``c = dLoss/d log p_t``, because ``d log p_t / dz_j = [j = t] - p_j``:
+
+    grad = -c * softmax(z) + c at the label's channel
+
+It writes this into the saved log-softmax buffer in place (``exp_``, ``mul_``, one
+``scatter_add_``), so a step allocates one N x C x H x W float32 buffer in the forward and
+none in the backward (``F.cross_entropy`` allocates three). A second backward through the same
+graph is refused by autograd's version-counter check (the buffer has been overwritten).
+
+Edge cases: a batch with no valid pixel gives a loss of 0 with zero gradients (never NaN),
+and a label outside ``[0, C)`` other than ``ignore_index`` raises ``DatasetError``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from seg.errors import ConfigError, DatasetError
+
+# A pixel term maps log p_t (float32 N x H x W, detached) to (loss: 0-dim, dloss/dlog p_t: N x H x W).
+PixelTerm = Callable[[Tensor], tuple[Tensor, Tensor]]
+
+
+class _LabelLogProbLoss(torch.autograd.Function):
+    """Loss = term(log_softmax(logits)[label]); gradient via the saved log-softmax, in place."""
+
+    @staticmethod
+    def forward(ctx: Any, logits: Tensor, safe_labels: Tensor, term: PixelTerm) -> Tensor:
+        """logits: float32 N x C x H x W; safe_labels: int64 N x 1 x H x W, all in [0, C)."""
+        log_probs = torch.log_softmax(logits, dim=1)
+        log_p_label = log_probs.gather(1, safe_labels).squeeze(1)
+        loss, coeff = term(log_p_label)
+        ctx.save_for_backward(log_probs, safe_labels, coeff)
+        return loss
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx: Any, grad_loss: Tensor) -> tuple[Tensor, None, None]:
+        log_probs, safe_labels, coeff = ctx.saved_tensors
+        neg_c = (coeff * -grad_loss).unsqueeze(1)  # N x 1 x H x W
+        grad = log_probs.exp_().mul_(neg_c)  # -c * softmax, reusing the saved buffer
+        grad.scatter_add_(1, safe_labels, neg_c.neg_())
+        return grad, None, None
+
+
+def _mean_over(values: Tensor, weights: Tensor) -> tuple[Tensor, Tensor]:
+    """Weighted mean sum(w * v) / sum(w) and its gradient w / sum(w); 0 when sum(w) == 0."""
+    scaled = weights / weights.sum().clamp_min(torch.finfo(weights.dtype).tiny)
+    return torch.dot(values.reshape(-1), scaled.reshape(-1)), scaled
+
+
+class _PixelLoss(nn.Module):
+    """Shared input handling: shape and label checks, float32 cast, autocast off.
+
+    Label range check (label >= C or < 0, other than ``ignore_index``): it needs a reduction
+    over the labels, and reading that on the host would be a host-device sync per step. On
+    CPU tensors the check is immediate (no device to wait for). On an accelerator the minimum
+    and maximum label are copied to pinned host memory without blocking and inspected at a
+    later call, once the copy's CUDA event has completed: the ``DatasetError`` then comes one
+    or two steps late but with no sync, and meanwhile out-of-range labels are clamped so that
+    no device-side assert can fire. ``OhemCELoss`` already syncs once per call (see there) and
+    checks on that same transfer, immediately.
+    """
+
+    def __init__(self, ignore_index: int = 255, num_classes: int | None = None) -> None:
+        super().__init__()
+        if num_classes is not None and num_classes < 1:
+            raise ConfigError(f"loss num_classes must be >= 1, got {num_classes}")
+        self.ignore_index = int(ignore_index)
+        self.num_classes = num_classes
+        self._pending_label_checks: list[tuple[Any, Tensor, int]] = []
+
+    def forward(self, logits: Tensor, labels: Tensor) -> Tensor:
+        """logits N x C x H x W (any float dtype), labels int64 N x H x W -> float32 scalar."""
+        return self.forward_with_stats(logits, labels)[0]
+
+    def forward_with_stats(
+        self, logits: Tensor, labels: Tensor
+    ) -> tuple[Tensor, dict[str, Tensor]]:
+        """As ``forward``, plus a dict of 0-dim tensors for logging."""
+        self._check_shapes(logits, labels)
+        with torch.autocast(device_type=logits.device.type, enabled=False):
+            return self._compute(logits.float(), labels.long())
+
+    def _compute(self, logits: Tensor, labels: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+        raise NotImplementedError
+
+    def _check_shapes(self, logits: Tensor, labels: Tensor) -> None:
+        name = type(self).__name__
+        if logits.dim() != 4 or not logits.is_floating_point():
+            raise ConfigError(
+                f"{name}: logits must be a float N x C x H x W tensor, got {logits.dtype} "
+                f"{tuple(logits.shape)}"
+            )
+        if labels.dim() != 3 or labels.is_floating_point() or labels.dtype == torch.bool:
+            raise ConfigError(
+                f"{name}: labels must be an integer N x H x W tensor, got {labels.dtype} "
+                f"{tuple(labels.shape)}"
+            )
+        n, c, h, w = logits.shape
+        if tuple(labels.shape) != (n, h, w):
+            raise ConfigError(
+                f"{name}: labels {tuple(labels.shape)} do not match logits {tuple(logits.shape)} "
+                f"(labels must come at the logits' resolution)"
+            )
+        if self.num_classes is not None and c != self.num_classes:
+            raise ConfigError(
+                f"{name}: logits have {c} channels but num_classes is {self.num_classes}"
+            )
+
+    def _prepare_labels(
+        self, labels: Tensor, num_classes: int, *, range_checked_later: bool = False
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """Labels made safe to index with, their valid mask, and their (min, max).
+
+        Returns ``(safe int64 N x 1 x H x W, valid bool N x H x W, label_range int64 (2,))``:
+        ignored pixels get label 0 in ``safe``. The range of ``safe`` is checked here unless
+        ``range_checked_later`` (the caller then passes ``label_range`` to
+        ``_raise_if_out_of_range`` itself), immediately on CPU and deferred on CUDA; on CUDA
+        ``safe`` is clamped into ``[0, C)`` so that no device-side assert can fire meanwhile.
+        """
+        valid = labels != self.ignore_index
+        safe = torch.where(valid, labels, 0)
+        label_range = torch.stack(torch.aminmax(safe))
+        on_cpu = safe.device.type == "cpu"
+        if on_cpu and not range_checked_later:
+            self._raise_if_out_of_range(*label_range.tolist(), num_classes)
+        elif not range_checked_later:
+            self._check_label_range_later(label_range, num_classes)
+        if not on_cpu:
+            safe = safe.clamp(0, num_classes - 1)
+        return safe.unsqueeze(1), valid, label_range
+
+    def _raise_if_out_of_range(self, low: int, high: int, num_classes: int) -> None:
+        if low < 0 or high >= num_classes:
+            bad = low if low < 0 else high
+            raise DatasetError(
+                f"{type(self).__name__}: label value {bad} is outside [0, {num_classes}) and is "
+                f"not ignore_index {self.ignore_index}; check the dataset's label mapping and "
+                f"num_classes"
+            )
+
+    def _check_label_range_later(self, label_range: Tensor, num_classes: int) -> None:
+        """Queue a sync-free check on CUDA; report earlier checks whose copy has landed."""
+        if label_range.device.type != "cuda":  # no event API assumed: check now (one sync)
+            self._raise_if_out_of_range(*label_range.tolist(), num_classes)
+            return
+        still_pending = []
+        for event, host_range, classes in self._pending_label_checks:
+            if event.query():
+                self._raise_if_out_of_range(*host_range.tolist(), classes)
+            else:
+                still_pending.append((event, host_range, classes))
+        host_range = torch.empty(2, dtype=label_range.dtype, pin_memory=True)
+        host_range.copy_(label_range, non_blocking=True)
+        event = torch.cuda.Event()
+        event.record()
+        self._pending_label_checks = [*still_pending, (event, host_range, num_classes)]
+
+
+def _class_vector(
+    values: Sequence[float] | None, num_classes: int | None, what: str
+) -> Tensor | None:
+    """Per-class float32 vector from config, checked against ``num_classes``."""
+    if values is None:
+        return None
+    vector = torch.as_tensor(list(values), dtype=torch.float32)
+    if vector.dim() != 1 or (num_classes is not None and vector.numel() != num_classes):
+        raise ConfigError(
+            f"{what} must list one value per class ({num_classes}), got {list(values)}"
+        )
+    if bool((vector < 0).any()):
+        raise ConfigError(f"{what} must be non-negative, got {list(values)}")
+    return vector
+
+
+class CrossEntropyLoss(_PixelLoss):
+    """Cross-entropy averaged over valid pixels, with optional class weights.
+
+    With ``class_weights`` w the mean is sum(w[y] * l) / sum(w[y]) over valid pixels, as in
+    ``torch.nn.functional.cross_entropy``. A batch with no valid pixel gives 0 (torch: NaN).
+    """
+
+    def __init__(
+        self,
+        ignore_index: int = 255,
+        class_weights: Sequence[float] | None = None,
+        num_classes: int | None = None,
+    ) -> None:
+        super().__init__(ignore_index=ignore_index, num_classes=num_classes)
+        vector = _class_vector(class_weights, num_classes, "CrossEntropyLoss class_weights")
+        self.register_buffer("class_weights", vector, persistent=False)
+
+    def _compute(self, logits: Tensor, labels: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+        num_classes = logits.shape[1]
+        safe, valid, _ = self._prepare_labels(labels, num_classes)
+        pixel_weight = valid.float()
+        if self.class_weights is not None:
+            if self.class_weights.numel() != num_classes:
+                raise ConfigError(
+                    f"CrossEntropyLoss: {self.class_weights.numel()} class_weights for "
+                    f"{num_classes} classes"
+                )
+            pixel_weight = pixel_weight * self.class_weights[safe.squeeze(1)]
+
+        def term(log_p: Tensor) -> tuple[Tensor, Tensor]:
+            loss, scaled = _mean_over(log_p, pixel_weight)
+            return -loss, -scaled
+
+        return _LabelLogProbLoss.apply(logits, safe, term), {}
+
+
+class FocalLoss(_PixelLoss):
+    """Focal loss over softmax, -alpha_t (1 - p_t)^gamma log p_t, averaged over valid pixels.
+
+    ``alpha`` (optional) lists one weight per class; the mean divides by the number of valid
+    pixels (not by the sum of alpha). With ``gamma=0`` and no ``alpha`` it is cross-entropy.
+    """
+
+    def __init__(
+        self,
+        gamma: float = 2.0,
+        alpha: Sequence[float] | None = None,
+        ignore_index: int = 255,
+        num_classes: int | None = None,
+    ) -> None:
+        super().__init__(ignore_index=ignore_index, num_classes=num_classes)
+        if not gamma >= 0:
+            raise ConfigError(f"FocalLoss gamma must be >= 0, got {gamma}")
+        self.gamma = float(gamma)
+        self.register_buffer(
+            "alpha", _class_vector(alpha, num_classes, "FocalLoss alpha"), persistent=False
+        )
+
+    def _compute(self, logits: Tensor, labels: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+        num_classes = logits.shape[1]
+        safe, valid, _ = self._prepare_labels(labels, num_classes)
+        pixel_weight = valid.float()
+        if self.alpha is not None:
+            if self.alpha.numel() != num_classes:
+                raise ConfigError(
+                    f"FocalLoss: {self.alpha.numel()} alpha values for {num_classes} classes"
+                )
+            pixel_weight = pixel_weight * self.alpha[safe.squeeze(1)]
+        # Mean over valid pixels, written as in CrossEntropyLoss so that gamma=0 without
+        # alpha reproduces it bit for bit.
+        scale = pixel_weight / valid.float().sum().clamp_min(torch.finfo(torch.float32).tiny)
+
+        def term(log_p: Tensor) -> tuple[Tensor, Tensor]:
+            # Autograd on the N x H x W per-pixel values only (cheap) gives dLoss/dlog p_t.
+            with torch.enable_grad():
+                log_p = log_p.detach().requires_grad_()
+                per_pixel = -log_p
+                if self.gamma != 0:
+                    # 1 - p_t as -expm1 (accurate near p_t = 1); the floor keeps the gradient
+                    # of (1 - p_t)^gamma finite for gamma < 1 when p_t rounds to 1.
+                    one_minus_p = (-torch.expm1(log_p)).clamp_min(torch.finfo(log_p.dtype).tiny)
+                    per_pixel = one_minus_p.pow(self.gamma) * per_pixel
+                loss = torch.dot(per_pixel.reshape(-1), scale.reshape(-1))
+                (coeff,) = torch.autograd.grad(loss, log_p)
+            return loss.detach(), coeff
+
+        return _LabelLogProbLoss.apply(logits, safe, term), {}
+
+
+class OhemCELoss(_PixelLoss):
+    """Online hard example mining over per-pixel cross-entropy.
+
+    Per-pixel CE (``ignore_index`` excluded); pixels with loss > -log(thresh) are hard.
+    n_min = floor(valid pixels in the batch * min_kept_ratio) (at least 1 when any pixel is
+    valid); if fewer than n_min pixels are hard, the n_min largest losses are kept instead.
+    Returns the mean over the kept pixels; ``kept_fraction`` = kept / valid pixels.
+
+    Our definitions where the reference versions return NaN: a batch with no valid pixel gives
+    0 with zero gradients; fewer than 1 / min_kept_ratio valid pixels keep at least one pixel.
+
+    Speed: kept pixels are selected by weights (no boolean-mask copies). The top-n_min path
+    finds the n_min-th largest loss by selection (``kthvalue`` on CPU, unsorted ``topk`` on
+    CUDA), never a full sort, and weights ties at that value so that the result is the exact
+    top-n_min mean. One host-device sync remains per call: n_min depends on the number of
+    valid pixels and the path on the number of hard ones, and selection needs its k on the
+    host. The hard-pixel count, the valid count and the label range come back in one transfer.
+    """
+
+    def __init__(
+        self,
+        thresh: float = 0.7,
+        ignore_index: int = 255,
+        min_kept_ratio: float = 1 / 16,
+        num_classes: int | None = None,
+    ) -> None:
+        super().__init__(ignore_index=ignore_index, num_classes=num_classes)
+        if not 0.0 < thresh < 1.0:
+            raise ConfigError(
+                f"OhemCELoss thresh must be a probability strictly between 0 and 1, got {thresh}"
+            )
+        if not 0.0 < min_kept_ratio <= 1.0:
+            raise ConfigError(f"OhemCELoss min_kept_ratio must be in (0, 1], got {min_kept_ratio}")
+        self.thresh = float(thresh)
+        self.min_kept_ratio = float(min_kept_ratio)
+        self.loss_thresh = -math.log(self.thresh)  # per-pixel CE above this is "hard"
+
+    def n_min(self, n_valid: int) -> int:
+        """Minimum number of pixels kept for ``n_valid`` valid pixels."""
+        if n_valid == 0:
+            return 0
+        return max(math.floor(n_valid * self.min_kept_ratio), 1)
+
+    def _compute(self, logits: Tensor, labels: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+        num_classes = logits.shape[1]
+        # On CUDA the label range rides on this loss's one sync below; CPU checks at once.
+        safe, valid, label_range = self._prepare_labels(
+            labels, num_classes, range_checked_later=logits.device.type != "cpu"
+        )
+        stats: dict[str, Tensor] = {}
+
+        def term(log_p: Tensor) -> tuple[Tensor, Tensor]:
+            # log p_t <= 0, so ignored pixels (set to +1 here) get loss -1 and are never kept.
+            pixel_loss = torch.where(valid, log_p, 1.0).neg_()
+            hard = pixel_loss > self.loss_thresh
+            n_hard_t = torch.count_nonzero(hard)
+            n_valid_t = torch.count_nonzero(valid)
+            # The one sync: counts and label range in one device-to-host transfer.
+            n_hard, n_valid, low, high = torch.cat(
+                [torch.stack([n_hard_t, n_valid_t]), label_range]
+            ).tolist()
+            self._raise_if_out_of_range(low, high, num_classes)
+            n_min = self.n_min(n_valid)
+            n_kept = n_hard if n_hard >= n_min else n_min
+            # coeff = dLoss/dlog p_t: -1/n_kept on kept pixels, 0 elsewhere; loss = -coeff . log p_t
+            scale = -1.0 / max(n_kept, 1)
+            if n_hard >= n_min:
+                coeff = torch.where(hard, scale, 0.0)
+            else:
+                coeff = top_k_weights(pixel_loss, n_min, scale=scale)
+            stats["kept_fraction"] = torch.full_like(n_valid_t, n_kept) / max(n_valid, 1)
+            return -torch.dot(pixel_loss.view(-1), coeff.view(-1)), coeff
+
+        loss = _LabelLogProbLoss.apply(logits, safe, term)
+        return loss, stats
+
+
+# Top-k selection on CPU: the k-th largest of a sample of this many entries bounds the
+# k-th largest of the whole from below, so that one quickselect runs on a candidate set
+# of about 1.3 k entries instead of on every pixel (kthvalue on 2M floats costs about as
+# much as a tenth of a cross-entropy step).
+_SAMPLE_SIZE = 65536
+
+
+def _kth_largest_cpu(flat: Tensor, k: int) -> tuple[float, Tensor]:
+    """The k-th largest entry v of a 1-D tensor and a tensor holding every entry >= v.
+
+    Returns ``(v, candidates)``. Exact: the candidates are all entries >= a threshold t with
+    at least k of them, so v >= t and v is the k-th largest of the candidates.
+    """
+    n = flat.numel()
+    stride = n // _SAMPLE_SIZE
+    if stride >= 4:
+        sample = flat[::stride]
+        m = sample.numel()
+        expected = k * m / n  # entries of the sample among the top k of the whole
+        rank = min(m, math.ceil(1.25 * expected + 4.0 * math.sqrt(expected) + 16))
+        t = sample.kthvalue(m - rank + 1).values
+        candidates = flat[flat >= t]
+        if candidates.numel() >= k:
+            return candidates.kthvalue(candidates.numel() - k + 1).values.item(), candidates
+    # Small input, or an unlucky sample: select on everything.
+    return flat.kthvalue(n - k + 1).values.item(), flat
+
+
+def top_k_weights(values: Tensor, k: int, method: str = "auto", scale: float = 1.0) -> Tensor:
+    """Float weights shaped like ``values``, summing to k * scale, that pick its k largest.
+
+    ``method="select"`` (CPU): entries above the k-th largest value v weigh scale, entries
+    equal to v share the rest, so that sum(w * values) is exactly scale x the sum of the k
+    largest even with ties. ``method="topk"`` (CUDA): an unsorted ``topk`` marks k entries (ties
+    broken arbitrarily, the sum is the same). ``"auto"`` picks by device. Neither sorts all.
+    """
+    flat = values.reshape(-1)
+    if not 1 <= k <= flat.numel():
+        raise ValueError(f"k must be in [1, {flat.numel()}], got {k}")
+    if method == "auto":
+        method = "select" if flat.device.type == "cpu" else "topk"
+    if method == "topk":
+        chosen = flat.topk(k, sorted=False).indices
+        return torch.zeros_like(flat).index_fill_(0, chosen, scale).view_as(values)
+    if method != "select":
+        raise ValueError(f"unknown selection method {method!r}; use 'select' or 'topk'")
+    v, candidates = _kth_largest_cpu(flat, k)
+    n_above = int(torch.count_nonzero(candidates > v))
+    n_tied = int(torch.count_nonzero(candidates == v))
+    if n_above + n_tied == k:  # no tie across the cut (the usual case)
+        return torch.where(values >= v, scale, 0.0)
+    return torch.where(values > v, scale, (values == v) * (scale * (k - n_above) / n_tied))
+
+
+@dataclass
+class LossOutput:
+    """What ``MultiHeadLoss`` returns: the weighted total, each head's term, logging stats."""
+
+    total: Tensor
+    terms: dict[str, Tensor] = field(default_factory=dict)
+    stats: dict[str, Tensor] = field(default_factory=dict)
+
+
+class MultiHeadLoss(nn.Module):
+    """Weighted sum of one loss per model head.
+
+    ``heads`` maps a head name (``main``, ``aux2``, ...) to ``{"loss": module, "weight": float}``
+    (``weight`` defaults to 1). Any ``Mapping`` works, including the ``DictConfig`` that Hydra
+    passes when it instantiates the nested loss nodes. ``name`` labels the setting in logs.
+    """
+
+    def __init__(self, heads: Mapping[str, Mapping[str, Any]], name: str | None = None) -> None:
+        super().__init__()
+        self.name = name
+        if not isinstance(heads, Mapping) or len(heads) == 0:
+            raise ConfigError(f"MultiHeadLoss heads must be a non-empty mapping, got {heads!r}")
+        self.losses = nn.ModuleDict()
+        self.weights: dict[str, float] = {}
+        for head, spec in heads.items():
+            if not isinstance(spec, Mapping) or "loss" not in spec:
+                raise ConfigError(f"loss head '{head}' needs a 'loss' entry, got {spec!r}")
+            unknown = set(spec) - {"loss", "weight"}
+            if unknown:
+                raise ConfigError(f"loss head '{head}' has unknown keys {sorted(unknown)}")
+            module = spec["loss"]
+            if not isinstance(module, nn.Module) or not hasattr(module, "forward_with_stats"):
+                raise ConfigError(
+                    f"loss head '{head}': 'loss' must be a loss module with forward_with_stats, "
+                    f"got {type(module).__name__}"
+                )
+            weight = float(spec.get("weight", 1.0))
+            if not (math.isfinite(weight) and weight >= 0):
+                raise ConfigError(f"loss head '{head}' weight must be >= 0, got {weight}")
+            self.losses[str(head)] = module
+            self.weights[str(head)] = weight
+
+    def forward(self, outputs: Mapping[str, Tensor], labels: Tensor) -> LossOutput:
+        """outputs: head -> logits N x C x H x W; labels int64 N x H x W -> ``LossOutput``."""
+        if not isinstance(outputs, Mapping):
+            raise ConfigError(
+                "MultiHeadLoss expects the model's dict of head outputs (train mode), got "
+                f"{type(outputs).__name__}"
+            )
+        extra = [head for head in outputs if head not in self.losses]
+        if extra:
+            raise ConfigError(
+                f"model head(s) {extra} have no configured loss (configured: {list(self.losses)})"
+            )
+        missing = [head for head in self.losses if head not in outputs]
+        if missing:
+            raise ConfigError(
+                f"loss configured for head(s) {missing} that the model does not output "
+                f"(outputs: {list(outputs)}); build the model with aux heads or drop them "
+                f"from the loss config"
+            )
+        total: Tensor | None = None
+        terms: dict[str, Tensor] = {}
+        stats: dict[str, Tensor] = {}
+        for head, module in self.losses.items():
+            term, head_stats = module.forward_with_stats(outputs[head], labels)
+            terms[head] = term
+            stats.update({f"{head}/{name}": value for name, value in head_stats.items()})
+            weighted = term * self.weights[head]
+            total = weighted if total is None else total + weighted
+        assert total is not None  # heads is non-empty
+        return LossOutput(total=total, terms=terms, stats=stats)
