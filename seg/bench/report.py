@@ -1,0 +1,164 @@
+"""Benchmark orchestration: run sections, describe the machine, write results.json/.md.
+
+``tools/benchmark.py`` only parses arguments and calls ``run_benchmark``. Each section is
+a module ``seg.bench.<name>`` exposing ``run(options: BenchOptions) -> Section``; a
+section whose module does not exist (yet) is skipped with a note.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import importlib
+import json
+import os
+import platform
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from seg.bench.timing import BenchOptions, Section
+from seg.errors import ConfigError
+
+#: Known sections, in the order they run.
+SECTIONS = ("model", "loss", "loader", "train_step")
+
+
+def resolve_device(name: str) -> str:
+    """``"auto"`` -> ``"cuda"`` when available else ``"cpu"``; reject CUDA where there is none."""
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(name)
+    except RuntimeError as error:
+        raise ConfigError(f"unknown benchmark device {name!r}: {error}") from error
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"benchmark device {name!r} requested but CUDA is not available")
+    return name
+
+
+def parse_sections(text: str) -> list[str]:
+    """``"model,loss"`` -> ``["model", "loss"]``, checked against ``SECTIONS``."""
+    names = [name.strip() for name in text.split(",") if name.strip()]
+    unknown = [name for name in names if name not in SECTIONS]
+    if unknown or not names:
+        raise ConfigError(
+            f"unknown benchmark section(s) {unknown or text!r}; choose from {', '.join(SECTIONS)}"
+        )
+    return names
+
+
+def cpu_model() -> str:
+    """The CPU model name from /proc/cpuinfo (falls back to ``platform.processor()``)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def describe_machine(device: str) -> dict[str, Any]:
+    """The facts needed to compare figures between machines."""
+    info: dict[str, Any] = {
+        "date": dt.datetime.now().astimezone().isoformat(timespec="seconds"),
+        "cpu": cpu_model(),
+        "cpu_cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "device": device,
+        "cuda_device": None,
+    }
+    if torch.cuda.is_available():
+        info["cuda_device"] = torch.cuda.get_device_name(torch.device(device).index or 0)
+        info["cuda"] = torch.version.cuda
+    return info
+
+
+def run_sections(names: Sequence[str], options: BenchOptions) -> tuple[list[Section], list[str]]:
+    """Run each named section; returns the sections and notes about the ones not run."""
+    sections: list[Section] = []
+    notes: list[str] = []
+    for name in names:
+        module_name = f"seg.bench.{name}"
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError as error:
+            if error.name != module_name:  # a real import error inside the section
+                raise
+            notes.append(f"section {name!r} skipped: {module_name} does not exist yet")
+            print(notes[-1], flush=True)
+            continue
+        print(f"running section {name!r} ...", flush=True)
+        sections.append(module.run(options))
+    return sections, notes
+
+
+def render_markdown(
+    machine: dict[str, Any], sections: Sequence[Section], notes: Sequence[str]
+) -> str:
+    """The human-readable report: machine, then each section with what it skipped."""
+    lines = ["# Benchmark results", ""]
+    lines += [f"- {key}: {value}" for key, value in machine.items() if value is not None]
+    for section in sections:
+        lines += ["", f"## {section.title}", "", section.markdown]
+        if section.skipped:
+            lines += ["", "Skipped:"] + [f"- {reason}" for reason in section.skipped]
+    if notes:
+        lines += ["", "## Not run", ""] + [f"- {note}" for note in notes]
+    return "\n".join(lines) + "\n"
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    """Write to a temporary name, then rename, so that a crash never leaves half a file."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def write_results(
+    out_dir: Path, machine: dict[str, Any], sections: Sequence[Section], notes: Sequence[str]
+) -> str:
+    """Write ``results.json`` and ``results.md`` into ``out_dir``; returns the markdown."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    payload = {
+        "machine": machine,
+        "sections": [
+            {
+                "title": s.title,
+                "records": s.records,
+                "skipped": s.skipped,
+                "markdown": s.markdown,
+            }
+            for s in sections
+        ],
+        "notes": list(notes),
+    }
+    _write_atomic(out_dir / "results.json", json.dumps(payload, indent=2, default=str) + "\n")
+    markdown = render_markdown(machine, sections, notes)
+    _write_atomic(out_dir / "results.md", markdown)
+    return markdown
+
+
+def default_out_dir() -> Path:
+    """``outputs/benchmark/<timestamp>``."""
+    return Path("outputs") / "benchmark" / dt.datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
+
+
+def run_benchmark(
+    sections: Sequence[str], options: BenchOptions, out_dir: Path | None = None
+) -> tuple[str, Path]:
+    """Run ``sections`` with ``options`` and write the results; returns (markdown, out_dir)."""
+    options.device = resolve_device(options.device)
+    machine = describe_machine(options.device)
+    if torch.device(options.device).type != "cuda":
+        print(
+            "no CUDA device used: running the CPU subset (GPU-only variants are listed as skipped)",
+            flush=True,
+        )
+    done, notes = run_sections(sections, options)
+    out_dir = out_dir if out_dir is not None else default_out_dir()
+    return write_results(out_dir, machine, done, notes), out_dir

@@ -1,0 +1,78 @@
+"""Smoke test of the benchmark tool: the model section in quick mode, outputs and errors."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+import torch
+
+from seg.bench.report import parse_sections, run_sections
+from seg.bench.timing import BenchOptions
+from seg.errors import ConfigError
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def load_tool() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("benchmark_tool", REPO / "tools" / "benchmark.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_quick_model_benchmark_writes_results(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    tool = load_tool()
+    out = tmp_path / "bench"
+    code = tool.main(["--quick", "--sections", "model", "--device", "cpu", "--out", str(out)])
+    assert code == 0
+    results = json.loads((out / "results.json").read_text())
+    assert results["machine"]["device"] == "cpu"
+    assert results["machine"]["torch"] == torch.__version__
+    (section,) = results["sections"]
+    by_metric: dict[str, list[dict]] = {}
+    for record in section["records"]:
+        by_metric.setdefault(record["metric"], []).append(record)
+    assert by_metric["parameters_without_aux"][0]["value"] == pytest.approx(3_358_627, rel=0.01)
+    assert by_metric["parameters_with_aux"][0]["value"] == pytest.approx(5_231_487, rel=0.01)
+    flops = {tuple(r["size"]): r["value"] for r in by_metric["conv_flops"]}
+    assert flops[(1, 3, 1024, 2048)] == pytest.approx(196.8e9, rel=0.02)
+    variants = {r["name"] for r in by_metric["latency"]}
+    assert {"fp32 NCHW", "fp32 channels_last"} <= variants
+    for record in by_metric["latency"]:
+        assert len(record["seconds"]) >= 1
+        assert record["median_ms"] > 0
+        assert record["images_per_s"] == pytest.approx(1000.0 / record["median_ms"])
+    # What was not measured on CPU is said, not silently dropped.
+    assert any("fp16" in reason for reason in section["skipped"])
+    assert any("compile" in reason for reason in section["skipped"])
+    markdown = (out / "results.md").read_text()
+    assert "fp32 channels_last" in markdown
+    assert f"cpu: {results['machine']['cpu']}" in markdown
+    assert "Skipped" in markdown
+    assert "fp32 NCHW" in capsys.readouterr().out
+
+
+def test_missing_section_module_is_skipped_with_a_note() -> None:
+    sections, notes = run_sections(["no_such_section"], BenchOptions(quick=True))
+    assert sections == []
+    assert notes and "no_such_section" in notes[0]
+
+
+def test_bad_arguments_exit_with_status_2(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    tool = load_tool()
+    assert tool.main(["--sections", "model,bogus", "--out", str(tmp_path)]) == 2
+    assert "bogus" in capsys.readouterr().err
+    with pytest.raises(ConfigError):
+        parse_sections("")
+    if not torch.cuda.is_available():
+        assert tool.main(["--device", "cuda", "--sections", "model", "--out", str(tmp_path)]) == 2
+        assert "CUDA" in capsys.readouterr().err
