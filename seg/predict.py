@@ -1,0 +1,547 @@
+"""Run a trained checkpoint on the user's own images, folders of images and videos.
+
+For every image the predictor writes three files under the output folder:
+
+- ``labels/<name>.png``: the label map (train ids, one uint8 per pixel);
+- ``colors/<name>.png``: the label map coloured with the dataset palette;
+- ``overlays/<name>.png``: the coloured mask blended over the image.
+
+A video gives ``overlays/<name>.mp4`` (mp4v), one overlaid frame per input frame.
+Files inside an input folder keep their relative path. Files that cannot be read are
+reported by name and skipped; :class:`PredictSummary` lists them.
+
+The model is built from the checkpoint's own config (``config["model"]``) without its
+auxiliary heads; inference reuses :mod:`seg.engine.inference`, the evaluator's path.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+import torch
+from hydra.errors import HydraException
+from hydra.utils import instantiate
+from torch import nn
+from tqdm import tqdm
+
+from seg.data.batch import normalize_images
+from seg.engine.checkpoint import load_checkpoint
+from seg.engine.inference import AMP_MODES, INFERENCE_MODES, autocast_context, predict_probs
+from seg.errors import CheckpointError, ConfigError, DatasetError, SegError
+from seg.visualize import colorize, generated_palette, overlay, palette_array
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
+VIDEO_SUFFIXES = (".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg")
+#: Prefixes that wrappers add to parameter names (DDP, torch.compile); stripped on load.
+WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+
+
+# --------------------------------------------------------------------------- model
+
+
+@dataclass
+class InferenceModel:
+    """A checkpoint's model in eval mode (no auxiliary heads) and what is needed to use it.
+
+    ``mean``/``std`` are the RGB normalisation on the 0-1 scale, ``palette`` has one RGB
+    triple per train id, all read from the checkpoint's ``config["dataset"]``.
+    """
+
+    model: nn.Module
+    num_classes: int
+    mean: list[float]
+    std: list[float]
+    class_names: list[str]
+    palette: list[list[int]]
+    config: dict[str, Any]
+    device: torch.device
+    path: Path
+
+
+def resolve_device(name: str) -> torch.device:
+    """``"auto"`` -> CUDA when available, else CPU; otherwise a torch device string."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError):
+        raise ConfigError(f"device must be auto, cpu, cuda or cuda:N, got {name!r}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device={name} asked for, but CUDA is not available (use device=cpu)")
+    return device
+
+
+def _dataset_info(config: Mapping[str, Any], path: Path) -> dict[str, Any]:
+    """num_classes, mean, std, class_names and palette from ``config["dataset"]``."""
+    dataset = config.get("dataset")
+    if not isinstance(dataset, Mapping):
+        raise CheckpointError(f"checkpoint {path}: config has no 'dataset' section")
+    try:
+        num_classes = int(dataset["num_classes"])
+        mean = [float(v) for v in dataset["mean"]]
+        std = [float(v) for v in dataset["std"]]
+    except (KeyError, TypeError, ValueError) as error:
+        raise CheckpointError(
+            f"checkpoint {path}: config.dataset needs num_classes, mean and std ({error!r})"
+        ) from None
+    if len(mean) != 3 or len(std) != 3 or min(std) <= 0:
+        raise CheckpointError(
+            f"checkpoint {path}: config.dataset mean/std must be 3 values (std > 0), "
+            f"got {mean} / {std}"
+        )
+    if not 1 <= num_classes <= 255:
+        # Label maps are uint8 PNGs with 255 kept for "ignore".
+        raise CheckpointError(
+            f"checkpoint {path}: num_classes must lie in 1..255, got {num_classes}"
+        )
+    names = dataset.get("class_names") or [f"class_{i}" for i in range(num_classes)]
+    palette = dataset.get("palette") or generated_palette(num_classes)
+    if len(names) != num_classes:
+        raise CheckpointError(
+            f"checkpoint {path}: config.dataset.class_names has {len(names)} entries "
+            f"for {num_classes} classes"
+        )
+    if len(palette) < num_classes:
+        raise CheckpointError(
+            f"checkpoint {path}: config.dataset.palette has {len(palette)} colours "
+            f"for {num_classes} classes"
+        )
+    try:
+        palette_array(palette)
+    except ValueError as error:
+        raise CheckpointError(f"checkpoint {path}: config.dataset.palette: {error}") from None
+    return {
+        "num_classes": num_classes,
+        "mean": mean,
+        "std": std,
+        "class_names": [str(n) for n in names],
+        "palette": [[int(c) for c in rgb] for rgb in palette[:num_classes]],
+    }
+
+
+def build_inference_model(
+    model_config: Mapping[str, Any], path: Path | str = "<config>"
+) -> nn.Module:
+    """Instantiate ``model_config`` (a ``_target_`` node) without aux heads or pretrained weights."""
+    if not isinstance(model_config, Mapping) or "_target_" not in model_config:
+        raise CheckpointError(f"checkpoint {path}: config.model is not a node with a _target_")
+    try:
+        return instantiate(dict(model_config), weights=None, aux_heads=False)
+    except (HydraException, TypeError, ValueError) as error:
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise CheckpointError(
+            f"checkpoint {path}: cannot build the model from config.model "
+            f"(_target_ {model_config['_target_']}): {first[:200]}"
+        ) from None
+
+
+def _aux_only_keys(model_config: Mapping[str, Any], deploy_keys: set[str]) -> set[str]:
+    """Parameter names that only the training model (with aux heads) has.
+
+    Built on the meta device: no memory, no initialisation cost.
+    """
+    with torch.device("meta"):
+        full = instantiate(dict(model_config), weights=None, aux_heads=True)
+    return set(full.state_dict()) - deploy_keys
+
+
+def load_model_state(
+    model: nn.Module,
+    state: Mapping[str, torch.Tensor],
+    model_config: Mapping[str, Any],
+    path: Path | str,
+) -> None:
+    """Load a training state dict into ``model`` (built without aux heads).
+
+    Aux-head entries are dropped; anything else that does not fit (a missing or unknown
+    key, a shape mismatch) is a :class:`CheckpointError` naming the first offenders.
+    """
+    cleaned = dict(state)
+    for prefix in WRAPPER_PREFIXES:  # a prefix that every key carries came from a wrapper
+        if cleaned and all(key.startswith(prefix) for key in cleaned):
+            cleaned = {key[len(prefix) :]: value for key, value in cleaned.items()}
+    expected = model.state_dict()
+    unknown = set(cleaned) - set(expected)
+    if unknown:
+        unknown -= _aux_only_keys(model_config, set(expected))
+    missing = sorted(set(expected) - set(cleaned))
+    mismatched = sorted(
+        f"{k} {tuple(cleaned[k].shape)} vs {tuple(expected[k].shape)}"
+        for k in set(expected) & set(cleaned)
+        if cleaned[k].shape != expected[k].shape
+    )
+    for label, keys in (
+        ("missing keys", missing),
+        ("unexpected keys", sorted(unknown)),
+        ("shape mismatches (checkpoint vs model)", mismatched),
+    ):
+        if keys:
+            shown = ", ".join(keys[:3]) + (", ..." if len(keys) > 3 else "")
+            raise CheckpointError(
+                f"checkpoint {path}: weights do not fit config.model: {len(keys)} {label} ({shown})"
+            )
+    model.load_state_dict({k: cleaned[k] for k in expected}, strict=True)
+
+
+def load_inference_model(
+    ckpt: str | os.PathLike[str], device: str | torch.device = "cpu"
+) -> InferenceModel:
+    """Load ``ckpt`` and return its model in eval mode on ``device``, aux heads dropped."""
+    path = Path(ckpt)
+    device = resolve_device(device) if isinstance(device, str) else device
+    checkpoint = load_checkpoint(path, map_location="cpu")
+    config = checkpoint["config"]
+    info = _dataset_info(config, path)
+    model_config = config.get("model")
+    model = build_inference_model(model_config, path)
+    load_model_state(model, checkpoint["model"], model_config, path)
+    model.eval().to(device)
+    return InferenceModel(model=model, config=config, device=device, path=path, **info)
+
+
+# --------------------------------------------------------------------------- inputs
+
+
+@dataclass(frozen=True)
+class InputFile:
+    """One input: its path, the output name (relative, without suffix) and its kind."""
+
+    path: Path
+    name: str
+    is_video: bool
+
+
+def collect_inputs(source: str | os.PathLike[str], exclude: Path | None = None) -> list[InputFile]:
+    """The images and videos to process: one file, or every image/video under a folder.
+
+    Folder contents are found recursively (sorted) and keep their relative paths as
+    output names; ``exclude`` (the output folder) is skipped when it lies inside.
+    A single file whose suffix is not a known video suffix is treated as an image.
+    """
+    root = Path(source)
+    if not root.exists():
+        raise DatasetError(f"input not found: {root}")
+    if root.is_file():
+        return [InputFile(root, root.stem, root.suffix.lower() in VIDEO_SUFFIXES)]
+    excluded = exclude.resolve() if exclude is not None else None
+    files = []
+    for path in sorted(root.rglob("*")):
+        suffix = path.suffix.lower()
+        if suffix not in IMAGE_SUFFIXES + VIDEO_SUFFIXES or not path.is_file():
+            continue
+        if excluded is not None and excluded in path.resolve().parents:
+            continue
+        files.append(path)
+    if not files:
+        raise DatasetError(
+            f"no images or videos in {root} (looked for {', '.join(IMAGE_SUFFIXES + VIDEO_SUFFIXES)})"
+        )
+    stems = [str(p.relative_to(root).with_suffix("")) for p in files]
+    taken = {s for s in stems if stems.count(s) > 1}
+    inputs = []
+    for path, stem in zip(files, stems, strict=True):
+        # a.jpg and a.png in one folder would write the same outputs: keep both apart.
+        name = f"{stem}_{path.suffix.lower().lstrip('.')}" if stem in taken else stem
+        inputs.append(InputFile(path, name, path.suffix.lower() in VIDEO_SUFFIXES))
+    return inputs
+
+
+def _decode_image(path: Path) -> tuple[np.ndarray | None, str]:
+    """``(uint8 H x W x 3 RGB image, "")``, or ``(None, reason)`` when it cannot be read."""
+    try:
+        data = np.fromfile(path, dtype=np.uint8)  # imdecode copes with non-ASCII paths
+    except OSError as error:
+        return None, f"cannot read the file ({error.strerror or error})"
+    image = cv2.imdecode(data, cv2.IMREAD_COLOR) if data.size else None
+    if image is None:
+        return None, "not a readable image"
+    return cv2.cvtColor(image, cv2.COLOR_BGR2RGB), ""
+
+
+def read_image(path: Path) -> np.ndarray:
+    """Read an image as uint8 H x W x 3 RGB (grey and alpha images are converted).
+
+    Raises:
+        DatasetError: the file cannot be read or decoded.
+    """
+    image, reason = _decode_image(path)
+    if image is None:
+        raise DatasetError(f"{path}: {reason}")
+    return image
+
+
+class _ImageReader(torch.utils.data.Dataset):
+    """Decodes images (in DataLoader workers when asked); a failure travels as a message."""
+
+    def __init__(self, inputs: Sequence[InputFile]) -> None:
+        self.inputs = list(inputs)
+
+    def __len__(self) -> int:
+        return len(self.inputs)
+
+    def __getitem__(self, index: int) -> tuple[InputFile, np.ndarray | None, str]:
+        item = self.inputs[index]
+        return (item, *_decode_image(item.path))
+
+
+def _keep(sample: Any) -> Any:
+    """DataLoader collate that leaves samples untouched (numpy stays numpy)."""
+    return sample
+
+
+# --------------------------------------------------------------------------- prediction
+
+
+@dataclass
+class PredictSummary:
+    """What a prediction run did; ``skipped`` holds ``(path, reason)`` per unreadable file."""
+
+    images: int = 0
+    videos: int = 0
+    frames: int = 0
+    skipped: list[tuple[Path, str]] = field(default_factory=list)
+
+    def describe(self) -> str:
+        """One line for the end of a run."""
+        text = f"predicted {self.images} image(s) and {self.videos} video(s) ({self.frames} frames)"
+        return f"{text}; {len(self.skipped)} file(s) skipped"
+
+
+def _amp_mode(amp: str | bool, device: torch.device) -> str:
+    """Normalise ``amp``: a mode name, or a bool (YAML reads a bare ``off`` as false)."""
+    if isinstance(amp, bool):
+        return ("fp16" if device.type == "cuda" else "bf16") if amp else "off"
+    if amp not in AMP_MODES:
+        raise ConfigError(f"amp must be one of {sorted(AMP_MODES)} (or true/false), got {amp!r}")
+    return amp
+
+
+class Predictor:
+    """Label maps, coloured masks and overlays from a loaded checkpoint.
+
+    Args:
+        net: the loaded model and its dataset info (:func:`load_inference_model`).
+        batch_size: images per forward pass; only images of equal size share a batch.
+        alpha: weight of the coloured mask in overlays.
+        amp: "off", "fp16", "bf16" (or a bool) autocast for the forward pass.
+        mode, scales, flip, crop_size, stride: test-time inference as in the evaluator
+            (:func:`seg.engine.inference.predict_probs`).
+        num_workers: DataLoader workers that decode images in the background.
+        progress: show tqdm bars.
+    """
+
+    def __init__(
+        self,
+        net: InferenceModel,
+        *,
+        batch_size: int = 1,
+        alpha: float = 0.5,
+        amp: str | bool = "off",
+        mode: str = "whole",
+        scales: Sequence[float] = (1.0,),
+        flip: bool = False,
+        crop_size: Sequence[int] | None = None,
+        stride: Sequence[int] | None = None,
+        num_workers: int = 0,
+        progress: bool = True,
+    ) -> None:
+        if int(batch_size) < 1:
+            raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
+        if not 0.0 <= float(alpha) <= 1.0:
+            raise ConfigError(f"alpha must lie in [0, 1], got {alpha}")
+        if mode not in INFERENCE_MODES:
+            raise ConfigError(f"mode must be one of {list(INFERENCE_MODES)}, got {mode!r}")
+        if mode == "slide" and (crop_size is None or stride is None):
+            raise ConfigError("mode=slide needs crop_size and stride ([h, w])")
+        scales = [float(s) for s in scales]
+        if not scales or min(scales) <= 0:
+            raise ConfigError(f"scales must be a non-empty list of positive numbers, got {scales}")
+        if int(num_workers) < 0:
+            raise ConfigError(f"num_workers must be >= 0, got {num_workers}")
+        self.net = net
+        self.batch_size = int(batch_size)
+        self.alpha = float(alpha)
+        self.amp = _amp_mode(amp, net.device)
+        self.inference = {
+            "mode": mode,
+            "scales": scales,
+            "flip": bool(flip),
+            "crop_size": list(crop_size) if crop_size is not None else None,
+            "stride": list(stride) if stride is not None else None,
+        }
+        self.num_workers = int(num_workers)
+        self.progress = progress
+        self.lut = palette_array(net.palette)
+
+    def predict(self, images: Sequence[np.ndarray]) -> np.ndarray:
+        """Label maps for same-size uint8 H x W x 3 RGB images -> uint8 N x H x W train ids."""
+        batch = torch.from_numpy(np.stack(images)).to(self.net.device)
+        with torch.inference_mode(), autocast_context(self.net.device, self.amp):
+            normalised = normalize_images(batch, self.net.mean, self.net.std)
+            probs = predict_probs(self.net.model, normalised, **self.inference)
+        return probs.argmax(dim=1).to(torch.uint8).cpu().numpy()
+
+    def run(self, inputs: Sequence[InputFile], out_dir: str | os.PathLike[str]) -> PredictSummary:
+        """Predict every input, writing results under ``out_dir``; never stops on a bad file."""
+        out = Path(out_dir)
+        summary = PredictSummary()
+        images = [item for item in inputs if not item.is_video]
+        if images:
+            self._run_images(images, out, summary)
+        for item in inputs:
+            if item.is_video:
+                self._run_video(item, out, summary)
+        return summary
+
+    def _skip(self, summary: PredictSummary, path: Path, reason: str) -> None:
+        summary.skipped.append((path, reason))
+        tqdm.write(f"skipped {path}: {reason}", file=sys.stderr)
+
+    def _run_images(self, inputs: Sequence[InputFile], out: Path, summary: PredictSummary) -> None:
+        loader = torch.utils.data.DataLoader(
+            _ImageReader(inputs), batch_size=None, collate_fn=_keep, num_workers=self.num_workers
+        )
+        bar = tqdm(total=len(inputs), desc="images", unit="img", disable=not self.progress)
+        pending: list[tuple[InputFile, np.ndarray]] = []
+
+        def flush() -> None:
+            labels = self.predict([image for _, image in pending])
+            for (item, image), label in zip(pending, labels, strict=True):
+                self._write_image_outputs(out, item.name, image, label)
+                summary.images += 1
+            bar.update(len(pending))
+            pending.clear()
+
+        with bar:
+            for item, image, reason in loader:
+                if image is None:
+                    self._skip(summary, item.path, reason)
+                    bar.update(1)
+                    continue
+                if pending and pending[0][1].shape != image.shape:
+                    flush()  # only same-size images share a batch
+                pending.append((item, image))
+                if len(pending) == self.batch_size:
+                    flush()
+            if pending:
+                flush()
+
+    def _write_image_outputs(
+        self, out: Path, name: str, image: np.ndarray, label: np.ndarray
+    ) -> None:
+        color = colorize(label, self.lut)
+        _write_png(out / "labels" / f"{name}.png", label)
+        _write_png(out / "colors" / f"{name}.png", color[..., ::-1])
+        _write_png(out / "overlays" / f"{name}.png", overlay(image, color, self.alpha)[..., ::-1])
+
+    def _run_video(self, item: InputFile, out: Path, summary: PredictSummary) -> None:
+        capture = cv2.VideoCapture(str(item.path))
+        if not capture.isOpened():
+            self._skip(summary, item.path, "cannot open video")
+            return
+        target = out / "overlays" / f"{item.name}.mp4"
+        # The writer picks its container from the suffix: the partial file ends in .mp4 too.
+        partial = target.with_name(f".{target.stem}.partial.mp4")
+        writer: cv2.VideoWriter | None = None
+        cannot_write = False
+        frames = 0
+        try:
+            fps = capture.get(cv2.CAP_PROP_FPS)
+            fps = fps if fps and fps > 0 else 25.0
+            total = int(capture.get(cv2.CAP_PROP_FRAME_COUNT)) or None
+            bar = tqdm(total=total, desc=item.path.name, unit="frame", disable=not self.progress)
+            with bar:
+                for batch in _frame_batches(capture, self.batch_size):
+                    if writer is None:
+                        height, width = batch[0].shape[:2]
+                        target.parent.mkdir(parents=True, exist_ok=True)
+                        writer = cv2.VideoWriter(
+                            str(partial), cv2.VideoWriter_fourcc(*"mp4v"), fps, (width, height)
+                        )
+                        if not writer.isOpened():
+                            cannot_write = True
+                            break
+                    for image, label in zip(batch, self.predict(batch), strict=True):
+                        blended = overlay(image, colorize(label, self.lut), self.alpha)
+                        writer.write(np.ascontiguousarray(blended[..., ::-1]))
+                    frames += len(batch)
+                    bar.update(len(batch))
+        except BaseException:
+            partial.unlink(missing_ok=True)
+            raise
+        finally:
+            capture.release()
+            if writer is not None:
+                writer.release()
+        if cannot_write:
+            partial.unlink(missing_ok=True)
+            self._skip(summary, item.path, f"cannot write an mp4v video to {partial}")
+            return
+        if frames == 0:
+            partial.unlink(missing_ok=True)
+            self._skip(summary, item.path, "no readable frames")
+            return
+        os.replace(partial, target)
+        summary.videos += 1
+        summary.frames += frames
+
+
+def _frame_batches(capture: cv2.VideoCapture, batch_size: int) -> Iterator[list[np.ndarray]]:
+    """Consecutive RGB frames of an open capture, ``batch_size`` at a time."""
+    batch: list[np.ndarray] = []
+    while True:
+        ok, frame = capture.read()
+        if not ok:
+            break
+        batch.append(cv2.cvtColor(frame, cv2.COLOR_BGR2RGB))
+        if len(batch) == batch_size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+def _write_png(path: Path, array: np.ndarray) -> None:
+    """Encode ``array`` (H x W grey or H x W x 3 BGR) as PNG and write it atomically."""
+    ok, encoded = cv2.imencode(".png", np.ascontiguousarray(array))
+    if not ok:
+        raise SegError(f"cannot encode {path} as PNG")
+    write_bytes_atomic(path, encoded.tobytes())
+
+
+def write_bytes_atomic(path: Path, data: bytes) -> None:
+    """Write ``data`` to a temporary file beside ``path`` and rename it over ``path``.
+
+    A crash leaves either the old file or the new one, never half a file. Unlike the
+    checkpoint writer there is no fsync (thousands of small outputs), and the file gets
+    the usual permissions (umask), not mkstemp's 0600.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
+    try:
+        partial.write_bytes(data)
+        os.replace(partial, path)
+    except BaseException:
+        partial.unlink(missing_ok=True)
+        raise
+
+
+def run_prediction(
+    ckpt: str | os.PathLike[str],
+    input: str | os.PathLike[str],
+    out: str | os.PathLike[str],
+    *,
+    device: str = "auto",
+    **options: Any,
+) -> PredictSummary:
+    """Load ``ckpt``, predict every image/video of ``input`` into ``out``; see :class:`Predictor`."""
+    inputs = collect_inputs(input, exclude=Path(out))
+    predictor = Predictor(load_inference_model(ckpt, device), **options)
+    return predictor.run(inputs, out)

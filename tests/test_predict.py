@@ -1,0 +1,310 @@
+"""Prediction on images, folders and videos; colour masks and overlays; checkpoint loading."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import torch
+
+from seg.data.batch import normalize_images
+from seg.engine.checkpoint import save_checkpoint
+from seg.errors import CheckpointError, ConfigError, DatasetError
+from seg.models.bisenetv2 import BiSeNetV2
+from seg.predict import Predictor, collect_inputs, load_inference_model, run_prediction
+from seg.visualize import cityscapes_palette, colorize, generated_palette, overlay
+
+REPO = Path(__file__).resolve().parents[1]
+NUM_CLASSES = 4
+PALETTE = [[255, 0, 0], [0, 255, 0], [0, 0, 255], [255, 255, 0]]
+MEAN, STD = [0.4, 0.45, 0.5], [0.25, 0.25, 0.25]
+
+
+def minimal_config(num_classes: int = NUM_CLASSES) -> dict:
+    """The parts of a resolved training config that prediction reads."""
+    return {
+        "dataset": {
+            "num_classes": num_classes,
+            "ignore_index": 255,
+            "class_names": [f"c{i}" for i in range(num_classes)],
+            "palette": PALETTE[:num_classes],
+            "mean": MEAN,
+            "std": STD,
+        },
+        "model": {
+            "_target_": "seg.models.bisenetv2.BiSeNetV2",
+            "num_classes": num_classes,
+            "aux_heads": True,
+            "weights": None,
+        },
+    }
+
+
+def perturb_bn_stats(model: torch.nn.Module, seed: int = 0) -> None:
+    """Give BN layers non-trivial statistics, so that a wrong load would show in outputs."""
+    generator = torch.Generator().manual_seed(seed)
+    for module in model.modules():
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.running_mean.copy_(0.1 * torch.randn(module.num_features, generator=generator))
+            module.running_var.copy_(1 + 0.2 * torch.rand(module.num_features, generator=generator))
+            module.weight.data.copy_(
+                1 + 0.1 * torch.randn(module.num_features, generator=generator)
+            )
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, BiSeNetV2]:
+    """A checkpoint of a randomly initialised BiSeNetV2 (with aux heads) and its model."""
+    torch.manual_seed(0)
+    model = BiSeNetV2(NUM_CLASSES, aux_heads=True)
+    with torch.no_grad():
+        perturb_bn_stats(model)
+    path = tmp_path_factory.mktemp("ckpt") / "last.pt"
+    save_checkpoint(path, {"model": model.state_dict(), "config": minimal_config(), "iteration": 7})
+    return path, model.eval()
+
+
+def write_image(path: Path, height: int, width: int, seed: int) -> np.ndarray:
+    """Write a random RGB image with cv2 (BGR on disk); return it as RGB."""
+    rgb = np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    assert cv2.imwrite(str(path), rgb[..., ::-1].copy())
+    return rgb
+
+
+def reference_labels(model: torch.nn.Module, rgb: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Argmax of the PyTorch model on one image, computed without the predictor, and the
+    mask of pixels whose top two logits differ clearly (batched runs may swap near-ties)."""
+    with torch.no_grad():
+        logits = model(normalize_images(torch.from_numpy(rgb)[None], MEAN, STD))[0]
+    top2 = logits.topk(2, dim=0).values
+    return logits.argmax(0).to(torch.uint8).numpy(), (top2[0] - top2[1] > 1e-4).numpy()
+
+
+# --------------------------------------------------------------------------- visualize
+
+
+def test_colorize_maps_ids_to_palette_and_unknown_ids_to_black() -> None:
+    label = np.array([[0, 1, 2], [3, 255, 4]], dtype=np.uint8)
+    color = colorize(label, PALETTE)
+    assert color.shape == (2, 3, 3) and color.dtype == np.uint8
+    assert color[0, 0].tolist() == PALETTE[0] and color[1, 0].tolist() == PALETTE[3]
+    assert color[1, 1].tolist() == [0, 0, 0]  # ignore
+    assert color[1, 2].tolist() == [0, 0, 0]  # id past the palette
+    wide = colorize(np.array([[2, -1, 300]], dtype=np.int64), PALETTE)
+    assert wide.tolist() == [[PALETTE[2], [0, 0, 0], [0, 0, 0]]]
+
+
+def test_overlay_blends_with_alpha() -> None:
+    image = np.full((2, 2, 3), 100, dtype=np.uint8)
+    color = np.full((2, 2, 3), 200, dtype=np.uint8)
+    assert (overlay(image, color, 0.0) == 100).all()
+    assert (overlay(image, color, 1.0) == 200).all()
+    assert (overlay(image, color, 0.25) == 125).all()
+    with pytest.raises(ValueError):
+        overlay(image, color[:1], 0.5)
+
+
+def test_palettes() -> None:
+    cityscapes = cityscapes_palette()
+    assert len(cityscapes) == 19
+    assert cityscapes[0] == [128, 64, 128] and cityscapes[18] == [119, 11, 32]  # road, bicycle
+    generated = generated_palette(30)
+    assert len({tuple(c) for c in generated}) == 30 and [0, 0, 0] not in generated
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def test_load_drops_aux_heads_and_keeps_weights(trained: tuple[Path, BiSeNetV2]) -> None:
+    path, model = trained
+    net = load_inference_model(path, device="cpu")
+    assert not net.model.training
+    assert getattr(net.model, "aux_heads", None) is None
+    reference = model.state_dict()
+    loaded = net.model.state_dict()
+    assert all(torch.equal(loaded[k], reference[k]) for k in loaded)
+    assert len(loaded) < len(reference)  # the aux-head tensors were dropped
+    assert (net.mean, net.std, net.palette, net.num_classes) == (MEAN, STD, PALETTE, NUM_CLASSES)
+
+
+def test_load_rejects_weights_that_do_not_fit(
+    tmp_path: Path, trained: tuple[Path, BiSeNetV2]
+) -> None:
+    _, model = trained
+    state = dict(model.state_dict())
+    state["extra.weight"] = torch.zeros(1)
+    bad_key = tmp_path / "extra.pt"
+    save_checkpoint(bad_key, {"model": state, "config": minimal_config()})
+    with pytest.raises(CheckpointError, match=r"unexpected keys \(extra\.weight\)"):
+        load_inference_model(bad_key)
+    wrong_classes = tmp_path / "classes.pt"
+    save_checkpoint(wrong_classes, {"model": model.state_dict(), "config": minimal_config(3)})
+    with pytest.raises(CheckpointError, match="shape mismatches"):
+        load_inference_model(wrong_classes)
+    no_mean = minimal_config()
+    del no_mean["dataset"]["mean"]
+    save_checkpoint(tmp_path / "nomean.pt", {"model": model.state_dict(), "config": no_mean})
+    with pytest.raises(CheckpointError, match="mean"):
+        load_inference_model(tmp_path / "nomean.pt")
+
+
+def test_load_accepts_wrapped_state_dicts(tmp_path: Path, trained: tuple[Path, BiSeNetV2]) -> None:
+    _, model = trained
+    wrapped = {f"module.{k}": v for k, v in model.state_dict().items()}  # saved from DDP
+    save_checkpoint(tmp_path / "ddp.pt", {"model": wrapped, "config": minimal_config()})
+    net = load_inference_model(tmp_path / "ddp.pt")
+    assert torch.equal(net.model.head.classifier.weight, model.head.classifier.weight)
+
+
+def test_predictor_rejects_bad_settings(trained: tuple[Path, BiSeNetV2]) -> None:
+    net = load_inference_model(trained[0])
+    for bad, match in (
+        ({"batch_size": 0}, "batch_size"),
+        ({"alpha": 1.5}, "alpha"),
+        ({"mode": "slide"}, "crop_size"),
+        ({"amp": "fp8"}, "amp"),
+    ):
+        with pytest.raises(ConfigError, match=match):
+            Predictor(net, **bad)
+    with pytest.raises(ConfigError, match="device must be"):
+        load_inference_model(trained[0], device="gpu0")
+    if not torch.cuda.is_available():
+        with pytest.raises(ConfigError, match="CUDA is not available"):
+            load_inference_model(trained[0], device="cuda")
+
+
+def test_collect_inputs(tmp_path: Path) -> None:
+    with pytest.raises(DatasetError, match="not found"):
+        collect_inputs(tmp_path / "missing")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DatasetError, match="no images or videos"):
+        collect_inputs(tmp_path / "empty")
+    for name in ("a.png", "a.jpg", "sub/b.png", "notes.txt", "out/old.png"):
+        (tmp_path / "in" / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / "in" / name).write_bytes(b"x")
+    names = [i.name for i in collect_inputs(tmp_path / "in", exclude=tmp_path / "in" / "out")]
+    assert names == ["a_jpg", "a_png", "sub/b"]
+
+
+# --------------------------------------------------------------------------- prediction
+
+
+def test_predict_folder_mixed_sizes_and_corrupt_file(
+    tmp_path: Path, trained: tuple[Path, BiSeNetV2]
+) -> None:
+    ckpt, model = trained
+    sizes = {"a": (64, 96), "b": (64, 96), "odd": (101, 157), "sub/c": (64, 96)}
+    images = {
+        name: write_image(tmp_path / "in" / f"{name}.png", h, w, i)
+        for i, (name, (h, w)) in enumerate(sizes.items())
+    }
+    (tmp_path / "in" / "broken.png").write_bytes(b"\x89PNG truncated")
+    out = tmp_path / "out"
+    summary = run_prediction(
+        ckpt, tmp_path / "in", out, device="cpu", batch_size=2, num_workers=1, progress=False
+    )
+    assert summary.images == 4
+    assert [p.name for p, _ in summary.skipped] == ["broken.png"]
+    for name, rgb in images.items():
+        label = cv2.imread(str(out / "labels" / f"{name}.png"), cv2.IMREAD_UNCHANGED)
+        assert label.shape == rgb.shape[:2] and label.dtype == np.uint8
+        expected, clear = reference_labels(model, rgb)
+        assert clear.mean() > 0.99
+        np.testing.assert_array_equal(label[clear], expected[clear])
+        color = cv2.imread(str(out / "colors" / f"{name}.png"))[..., ::-1]
+        np.testing.assert_array_equal(color, colorize(label, PALETTE))
+        blended = cv2.imread(str(out / "overlays" / f"{name}.png"))[..., ::-1]
+        np.testing.assert_array_equal(blended, overlay(rgb, color, 0.5))
+    assert not (out / "labels" / "broken.png").exists()
+    assert not list(out.rglob(".*"))  # no partial files left behind
+
+
+def count_frames(path: Path) -> tuple[int, tuple[int, int]]:
+    capture = cv2.VideoCapture(str(path))
+    frames, shape = 0, (0, 0)
+    while True:
+        ok, frame = capture.read()
+        if not ok:
+            break
+        frames, shape = frames + 1, frame.shape[:2]
+    capture.release()
+    return frames, shape
+
+
+def test_predict_video_gives_overlay_video(tmp_path: Path, trained: tuple[Path, BiSeNetV2]) -> None:
+    ckpt, _ = trained
+    video = tmp_path / "clip.mp4"
+    writer = cv2.VideoWriter(str(video), cv2.VideoWriter_fourcc(*"mp4v"), 10.0, (80, 48))
+    rng = np.random.default_rng(0)
+    for _ in range(5):
+        writer.write(rng.integers(0, 256, (48, 80, 3), dtype=np.uint8))
+    writer.release()
+    assert count_frames(video) == (5, (48, 80))
+    summary = run_prediction(
+        ckpt, video, tmp_path / "out", device="cpu", batch_size=2, progress=False
+    )
+    assert (summary.videos, summary.frames, summary.skipped) == (1, 5, [])
+    assert count_frames(tmp_path / "out" / "overlays" / "clip.mp4") == (5, (48, 80))
+
+
+# --------------------------------------------------------------------------- the tool
+
+
+def run_tool(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, str(REPO / "tools" / "predict.py"), *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+@pytest.mark.slow
+def test_predict_tool_reports_skipped_files(
+    tmp_path: Path, trained: tuple[Path, BiSeNetV2]
+) -> None:
+    ckpt, _ = trained
+    write_image(tmp_path / "in" / "good.jpg", 40, 50, 0)
+    (tmp_path / "in" / "bad.jpg").write_bytes(b"not a jpeg")
+    work = tmp_path / "cwd"
+    work.mkdir()
+    result = run_tool(
+        [f"ckpt={ckpt}", f"input={tmp_path / 'in'}", "out=pred", "num_workers=0"], work
+    )
+    assert result.returncode == 1, result.stderr
+    assert "bad.jpg" in result.stderr and "1 file(s) skipped" in result.stdout
+    assert (work / "pred" / "labels" / "good.png").is_file()
+    assert sorted(p.name for p in work.iterdir()) == ["pred"]  # nothing else in the cwd
+
+    missing = run_tool([f"ckpt={tmp_path / 'nope.pt'}", f"input={tmp_path / 'in'}"], work)
+    assert missing.returncode == 2
+    assert missing.stderr.strip().splitlines() == [
+        f"error: checkpoint not found: {tmp_path / 'nope.pt'}"
+    ]
+
+
+@pytest.mark.gpu
+def test_predict_on_gpu_with_amp_matches_cpu(
+    tmp_path: Path, trained: tuple[Path, BiSeNetV2]
+) -> None:
+    ckpt, model = trained
+    rgb = write_image(tmp_path / "in" / "odd.png", 101, 157, 0)
+    for device, amp in (("cuda", "off"), ("cuda", "fp16")):
+        out = tmp_path / f"out_{amp}"
+        summary = run_prediction(ckpt, tmp_path / "in", out, device=device, amp=amp, progress=False)
+        assert summary.images == 1 and not summary.skipped
+        label = cv2.imread(str(out / "labels" / "odd.png"), cv2.IMREAD_UNCHANGED)
+        with torch.no_grad():
+            logits = model(normalize_images(torch.from_numpy(rgb)[None], MEAN, STD))[0]
+        top2 = logits.topk(2, dim=0).values
+        # fp16 moves logits by ~1e-3: compare where the CPU winner is clear of that.
+        clear = (top2[0] - top2[1] > (0.05 if amp == "fp16" else 1e-3)).numpy()
+        expected = logits.argmax(0).numpy()
+        assert clear.mean() > 0.9
+        np.testing.assert_array_equal(label[clear], expected[clear])
