@@ -1,0 +1,209 @@
+"""Training-step benchmark: images/s and peak memory of the trainer's own step.
+
+Every variant runs ``seg.engine.trainer.TrainStep`` (uint8 batch to the device, normalise
+there, forward, five-head loss, backward, SGD, LR schedule) on the same synthetic batch,
+timed side by side (interleaved) in one run:
+
+- ``loss``: OHEM on all five heads vs cross-entropy on all five, both with the settings
+  ``tools/train.py`` uses on the device (channels_last on CUDA, fp16 AMP on CUDA, fused SGD);
+- ``tuning``: a plain eager step (float32, NCHW, for-loop SGD, no skip guard) vs that
+  tuned step, and on CUDA (full runs only) the tuned step under ``torch.compile``.
+
+Sizes: CUDA batch 8 at 1024x1024 (the recipe's crop); CPU batch 4 at 256x512; ``quick``
+batch 2 at 64x128. Peak memory is ``torch.cuda.max_memory_allocated`` over one step (CUDA
+only; CPU memory is not reported).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from seg.bench.timing import BenchOptions, Section, markdown_table, synchronize, time_side_by_side
+from seg.engine.amp import build_grad_scaler, resolve_amp
+from seg.engine.optim import build_sgd
+from seg.engine.schedule import WarmupPolyLR
+from seg.engine.train_run import use_channels_last
+from seg.engine.trainer import TrainStep
+from seg.losses import CrossEntropyLoss, MultiHeadLoss, OhemCELoss
+from seg.models.bisenetv2 import BiSeNetV2
+
+NUM_CLASSES = 19
+HEADS = ("main", "aux2", "aux3", "aux4", "aux5_4")
+MEAN = (0.3257, 0.3690, 0.3223)
+STD = (0.2112, 0.2148, 0.2115)
+CUDA_SIZE = (8, 1024, 1024)  # batch, height, width
+CPU_SIZE = (4, 256, 512)
+QUICK_SIZE = (2, 64, 128)
+
+
+@dataclass
+class Variant:
+    """One way of running the training step."""
+
+    name: str
+    loss: str = "ohem"  # "ohem" | "ce"
+    tuned: bool = True  # the trainer's settings for the device; False: plain eager fp32 NCHW
+    compile: bool = False
+
+
+def make_batch(size: tuple[int, int, int], device: str, seed: int = 0) -> dict[str, torch.Tensor]:
+    """A collated uint8 batch as the loader gives it (pinned on CUDA machines).
+
+    Labels are blocks of 32x32 pixels with random classes and an ignored (255) band at the
+    bottom, so that OHEM sees regions rather than per-pixel noise.
+    """
+    n, h, w = size
+    gen = torch.Generator().manual_seed(seed)
+    image = torch.randint(0, 256, (n, h, w, 3), dtype=torch.uint8, generator=gen)
+    blocks = torch.randint(0, NUM_CLASSES, (n, 1, -(-h // 32), -(-w // 32)), generator=gen)
+    label = nn.functional.interpolate(blocks.float(), scale_factor=32, mode="nearest")[:, 0, :h, :w]
+    label = label.to(torch.uint8)
+    label[:, h - max(1, h // 10) :, :] = 255
+    batch = {"image": image, "label": label}
+    if torch.device(device).type == "cuda":
+        batch = {k: v.pin_memory() for k, v in batch.items()}
+    return batch
+
+
+def _loss(kind: str) -> MultiHeadLoss:
+    make = OhemCELoss if kind == "ohem" else CrossEntropyLoss
+    return MultiHeadLoss({h: {"loss": make(num_classes=NUM_CLASSES)} for h in HEADS})
+
+
+def build_step(variant: Variant, device: str, state: dict[str, torch.Tensor]) -> TrainStep:
+    """A ``TrainStep`` for ``variant`` with a fresh BiSeNetV2 holding ``state``."""
+    dev = torch.device(device)
+    model = BiSeNetV2(NUM_CLASSES)
+    model.load_state_dict(state)
+    channels_last = use_channels_last("auto", dev) if variant.tuned else False
+    model = model.to(dev)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    amp = resolve_amp("fp16" if variant.tuned else "off", dev)
+    optimizer = build_sgd(model, lr=0.01, impl="auto" if variant.tuned else "plain")
+    scheduler = WarmupPolyLR(optimizer, max_iters=10**9, warmup_iters=0)
+    forward: nn.Module = torch.compile(model) if variant.compile else model
+    return TrainStep(
+        forward,
+        _loss(variant.loss).to(dev),
+        optimizer,
+        scheduler,
+        build_grad_scaler(amp),
+        amp,
+        MEAN,
+        STD,
+        dev,
+        channels_last=channels_last,
+        buffers_of=model if variant.tuned else None,
+    )
+
+
+def peak_memory_mib(fn: Callable[[], object], device: str) -> float | None:
+    """Peak CUDA memory (MiB) allocated while ``fn`` runs once; None on CPU."""
+    if torch.device(device).type != "cuda":
+        return None
+    synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    fn()
+    synchronize(device)
+    return torch.cuda.max_memory_allocated(device) / 2**20
+
+
+def _compare(
+    group: str,
+    variants: list[Variant],
+    options: BenchOptions,
+    size: tuple[int, int, int],
+    repeats: int,
+    warmup: int,
+    state: dict[str, torch.Tensor],
+) -> tuple[list[list[Any]], list[dict[str, Any]]]:
+    batch = make_batch(size, options.device)
+    steps = {v.name: build_step(v, options.device, state) for v in variants}
+    fns = {name: (lambda step=step: step(batch)) for name, step in steps.items()}
+    timings = time_side_by_side(fns, repeats=repeats, warmup=warmup, device=options.device)
+    baseline = timings[variants[0].name]
+    rows, records = [], []
+    for variant in variants:
+        timing = timings[variant.name]
+        memory = peak_memory_mib(fns[variant.name], options.device)
+        images_per_s = size[0] / timing.median_s
+        speedup = baseline.median_s / timing.median_s
+        amp_name = steps[variant.name].amp.name
+        rows.append(
+            [
+                group,
+                variant.name,
+                amp_name,
+                timing.median_ms,
+                images_per_s,
+                speedup,
+                "n/a" if memory is None else memory,
+            ]
+        )
+        timing.extra = {
+            "group": group,
+            "batch": size[0],
+            "height": size[1],
+            "width": size[2],
+            "device": options.device,
+            "precision": amp_name,
+            "channels_last": steps[variant.name].channels_last,
+            "images_per_s": images_per_s,
+            f"speed_vs_{variants[0].name}": speedup,
+            "peak_memory_mib": memory,
+        }
+        records.append(timing.as_dict())
+    del steps, fns
+    if torch.device(options.device).type == "cuda":
+        torch.cuda.empty_cache()
+    return rows, records
+
+
+def run(options: BenchOptions) -> Section:
+    """OHEM vs CE and plain vs tuned training steps, each pair timed interleaved."""
+    on_cuda = torch.device(options.device).type == "cuda"
+    size = QUICK_SIZE if options.quick else (CUDA_SIZE if on_cuda else CPU_SIZE)
+    repeats = min(options.repeats, 2) if options.quick else options.repeats
+    warmup = min(options.warmup, 1) if options.quick else options.warmup
+    torch.manual_seed(0)
+    state = BiSeNetV2(NUM_CLASSES).state_dict()
+    skipped: list[str] = []
+    rows, records = _compare(
+        "loss",
+        [Variant("ce x5", loss="ce"), Variant("ohem x5", loss="ohem")],
+        options,
+        size,
+        repeats,
+        warmup,
+        state,
+    )
+    tuning = [Variant("plain eager fp32 NCHW", tuned=False), Variant("tuned (trainer)")]
+    if on_cuda and not options.quick:
+        tuning.append(Variant("tuned + torch.compile", compile=True))
+    else:
+        skipped.append("torch.compile variant: CUDA full runs only (compilation takes minutes)")
+    more_rows, more_records = _compare("tuning", tuning, options, size, repeats, warmup, state)
+    rows += more_rows
+    records += more_records
+    if not on_cuda:
+        skipped.append("peak memory: reported on CUDA only")
+    header = [
+        "comparison",
+        "step",
+        "precision",
+        "ms/step (median)",
+        "images/s",
+        "x first",
+        "peak MiB",
+    ]
+    n, h, w = size
+    title = f"Training step: BiSeNetV2, five heads, batch {n} at {h}x{w} ({options.device})"
+    return Section(
+        title=title, markdown=markdown_table(header, rows), records=records, skipped=skipped
+    )

@@ -1,0 +1,276 @@
+"""End-to-end training on tiny SynthCity: train, evaluate, checkpoint, interrupt, resume.
+
+``trained``: one 32-iteration run with OHEM on all five heads (loss, checkpoints,
+TensorBoard). ``resumed``: a short uninterrupted run (A), and the same run interrupted by
+SIGINT (B) then resumed with ``resume=auto`` (C). B and C load data with two worker
+processes, A with none, so C == A also shows that the data order and augmentation do not
+depend on the workers.
+"""
+
+from __future__ import annotations
+
+import math
+import multiprocessing
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from omegaconf import DictConfig, OmegaConf
+
+from seg.engine.checkpoint import CHECKPOINT_KEYS, load_checkpoint
+from seg.engine.train_run import run
+from seg.engine.trainer import NonFiniteLossError, Trainer, TrainResult
+from seg.losses import LossOutput
+
+REPO = Path(__file__).resolve().parents[1]
+HEADS = ("main", "aux2", "aux3", "aux4", "aux5_4")
+MAX_ITERS = 32
+RESUME_ITERS = 6
+INTERRUPT_AT = 3
+
+
+def tiny_overrides(data_root: Path) -> list[str]:
+    """SynthCity at 64x128 (12 train / 4 val images), whole-image crops, global batch 2, CPU."""
+    return [
+        f"dataset.root={data_root}",
+        "dataset.generator.height=64",
+        "dataset.generator.width=128",
+        "dataset.generator.num_train=12",
+        "dataset.generator.num_val=4",
+        "dataset.crop_size=[64,128]",
+        "loader.batch_size=2",
+        "loader.num_workers=0",
+        "trainer.device=cpu",
+        "trainer.log_interval=4",
+        "schedule.warmup_iters=4",
+        "optim.lr=0.01",
+    ]
+
+
+def compose_cfg(overrides: list[str]) -> DictConfig:
+    with initialize_config_dir(config_dir=str(REPO / "configs"), version_base="1.3"):
+        return compose(config_name="train", overrides=overrides)
+
+
+def weights_equal(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory) -> TrainResult:
+    base = tmp_path_factory.mktemp("train")
+    cfg = compose_cfg(
+        [
+            *tiny_overrides(base / "synthcity"),
+            "+experiment=synthcity_ohem",
+            f"trainer.max_iters={MAX_ITERS}",
+            "trainer.eval_interval=16",
+            "trainer.ckpt_interval=16",
+            "trainer.log_interval=8",
+        ]
+    )
+    return run(cfg, run_dir=base / "outputs" / "synthcity_ohem" / "run")
+
+
+@pytest.fixture(scope="module")
+def resumed(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    base = tmp_path_factory.mktemp("resume")
+    common = [
+        *tiny_overrides(base / "synthcity"),
+        "+experiment=synthcity_ohem",
+        f"trainer.max_iters={RESUME_ITERS}",
+        "trainer.eval_interval=4",
+        "trainer.ckpt_interval=2",
+        "trainer.log_interval=2",
+    ]
+    a = run(compose_cfg(common), run_dir=base / "a" / "run_a")
+
+    workers_alive: list[bool] = []
+
+    def interrupt(trainer: Trainer, iteration: int) -> None:
+        if iteration == INTERRUPT_AT - 1:  # Ctrl-C reaches the loader workers too: they go on
+            children = multiprocessing.active_children()
+            for child in children:
+                os.kill(child.pid, signal.SIGINT)
+            time.sleep(0.5)
+            workers_alive.extend(child.is_alive() for child in children)
+        if iteration == INTERRUPT_AT:
+            os.kill(os.getpid(), signal.SIGINT)  # the real handler path
+
+    outputs = base / "outputs" / "synthcity_ohem"
+    workers = ["loader.num_workers=2"]
+    b = run(compose_cfg(common + workers), run_dir=outputs / "run_b", callbacks=[interrupt])
+    b_last = load_checkpoint(
+        outputs / "run_b" / "checkpoints" / "last.pt", required_keys=CHECKPOINT_KEYS
+    )
+    c = run(compose_cfg([*common, *workers, "resume=auto"]), run_dir=outputs / "run_c")
+    return {"a": a, "b": b, "b_last": b_last, "c": c, "outputs": outputs, "alive": workers_alive}
+
+
+@pytest.mark.slow
+def test_training_lowers_the_loss_and_evaluates(trained: TrainResult) -> None:
+    assert trained.iteration == MAX_ITERS and trained.stopped_by is None
+    losses = [h["loss"] for h in trained.history]
+    assert len(losses) == MAX_ITERS // 8
+    assert all(math.isfinite(v) for v in losses)
+    assert losses[-1] < 0.7 * losses[0] and losses[-1] < losses[1], losses
+    assert 0.0 <= trained.metrics["mIoU"] <= 1.0 and len(trained.metrics["IoU"]) == 19
+    for head in HEADS:  # OHEM on all five heads: each reports its kept fraction
+        kept = [h[f"{head}/kept_fraction"] for h in trained.history]
+        assert all(0.0 < v <= 1.0 for v in kept)
+
+
+@pytest.mark.slow
+def test_checkpoints_hold_everything_to_resume(trained: TrainResult) -> None:
+    ckpt_dir = trained.run_dir / "checkpoints"
+    last = load_checkpoint(ckpt_dir / "last.pt", required_keys=CHECKPOINT_KEYS)
+    best = load_checkpoint(ckpt_dir / "best.pt", required_keys=CHECKPOINT_KEYS)
+    assert last["iteration"] == MAX_ITERS
+    assert best["iteration"] in (16, 32)
+    assert best["metrics"]["val"]["mIoU"] == pytest.approx(last["metrics"]["best_mIoU"])
+    assert set(last["rng"]) >= {"torch", "numpy", "python"}
+    assert last["config"]["experiment_name"] == "synthcity_ohem"
+    assert last["config"]["optim"]["lr"] == 0.01  # resolved plain containers
+    assert weights_equal(last["model"], trained.model.state_dict())
+    assert not list(ckpt_dir.glob("*.tmp"))  # atomic writes leave no temporaries
+
+
+@pytest.mark.slow
+def test_sigint_saves_and_resume_is_exact(resumed: dict[str, Any]) -> None:
+    b, c = resumed["b"], resumed["c"]
+    assert b.stopped_by == "SIGINT" and b.iteration == INTERRUPT_AT
+    assert resumed["alive"] == [True, True]  # both loader workers ignored their SIGINT
+    assert resumed["b_last"]["iteration"] == INTERRUPT_AT
+    # resume=auto found run_b's last.pt and kept writing into run_b
+    assert c.run_dir == resumed["outputs"] / "run_b"
+    assert c.iteration == RESUME_ITERS and c.stopped_by is None
+    assert weights_equal(c.model.state_dict(), resumed["a"].model.state_dict())
+    assert c.metrics["mIoU"] == resumed["a"].metrics["mIoU"]
+    log = (resumed["outputs"] / "run_b" / "train.log").read_text()
+    assert f"stopped (SIGINT) at iteration {INTERRUPT_AT}" in log and "resuming from" in log
+    assert not (resumed["outputs"] / "run_c" / "train.log").exists()
+
+
+@pytest.mark.slow
+def test_tensorboard_tags(trained: TrainResult) -> None:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from tensorboard.plugins.hparams.plugin_data_pb2 import HParamsPluginData
+
+    events = EventAccumulator(str(trained.run_dir / "tb"))
+    events.Reload()
+    tags = events.Tags()
+    scalars = set(tags["scalars"])
+    expected = {"train/loss", "train/lr", "train/images_per_s", "val/mIoU", "val/mAcc", "val/aAcc"}
+    expected |= {f"train/loss/{h}" for h in HEADS} | {f"train/{h}/kept_fraction" for h in HEADS}
+    assert expected <= scalars, expected - scalars
+    assert any(t.startswith("val/IoU/") for t in scalars)
+    assert "hparam/mIoU" in scalars
+    assert {"val/sample_0", "val/sample_1"} <= set(tags["images"])
+    image = events.Images("val/sample_0")[0]
+    assert image.width == 3 * 128 and image.height == 64  # input | truth | prediction
+    hparams = events.PluginTagToContent("hparams")
+    start = HParamsPluginData.FromString(hparams["_hparams_/session_start_info"]).session_start_info
+    assert start.hparams["loss"].string_value == "ohem"
+    assert start.hparams["lr"].number_value == pytest.approx(0.01)
+    assert start.hparams["max_iters"].number_value == MAX_ITERS
+    assert [s.step for s in events.Scalars("val/mIoU")] == [16, 32]
+
+
+@pytest.mark.slow
+def test_nonfinite_losses_are_skipped_then_stop_training(tmp_path: Path) -> None:
+    """NaN losses at steps 3-4 are skipped (weights and BatchNorm statistics untouched); from
+    step 7 on they stop training at the next check, with last.pt holding the weights after
+    step 6, the last finite one."""
+    cfg = compose_cfg(
+        [
+            *tiny_overrides(tmp_path / "synthcity"),
+            "trainer.max_iters=40",
+            "trainer.eval_interval=100",
+            "trainer.ckpt_interval=100",
+            "trainer.log_interval=2",
+            "trainer.max_nonfinite_steps=3",
+        ]
+    )
+    snapshots: dict[int, dict[str, torch.Tensor]] = {}
+
+    class PoisonedLoss(torch.nn.Module):
+        """The real loss, times NaN at steps 3, 4 and from 7 on (NaN gradients too)."""
+
+        def __init__(self, inner: torch.nn.Module, trainer: Trainer) -> None:
+            super().__init__()
+            self.inner, self.trainer = inner, trainer
+
+        def forward(self, outputs: dict[str, torch.Tensor], labels: torch.Tensor) -> LossOutput:
+            out = self.inner(outputs, labels)
+            step = self.trainer.iteration + 1
+            if step in (3, 4) or step >= 7:
+                out.total = out.total * float("nan")
+            return out
+
+    def hook(trainer: Trainer, iteration: int) -> None:
+        if iteration == 1:
+            trainer.step.criterion = PoisonedLoss(trainer.step.criterion, trainer)
+        snapshots[iteration] = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+
+    with pytest.raises(NonFiniteLossError, match="not finite for 4 iterations in a row"):
+        run(cfg, run_dir=tmp_path / "run", callbacks=[hook])
+    assert weights_equal(snapshots[4], snapshots[2])  # two skipped steps changed nothing
+    assert not weights_equal(snapshots[5], snapshots[4])  # finite step 5 trained
+    assert max(snapshots) == 10  # the first check (log interval 2) after the 3rd NaN in a row
+    last = load_checkpoint(
+        tmp_path / "run" / "checkpoints" / "last.pt", required_keys=CHECKPOINT_KEYS
+    )
+    assert last["iteration"] == 10
+    assert weights_equal(last["model"], snapshots[6])
+    assert last["metrics"]["nonfinite_steps"] == 6
+    assert "non-finite 6" in (tmp_path / "run" / "train.log").read_text()
+
+
+def _train_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, str(REPO / "tools" / "train.py"), *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+def test_cli_missing_cityscapes_is_one_line(tmp_path: Path) -> None:
+    result = _train_cli("+experiment=cityscapes_ohem", cwd=tmp_path)
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert str(tmp_path / "data" / "cityscapes") in lines[0] and "dataset.root=" in lines[0]
+
+
+def test_cli_help() -> None:
+    result = _train_cli("--help", cwd=REPO)
+    assert result.returncode == 0
+    assert "cityscapes_ohem" in result.stdout and "trainer" in result.stdout
+
+
+@pytest.mark.slow
+def test_cli_run_dir_layout(tmp_path: Path) -> None:
+    args = [
+        *tiny_overrides(tmp_path / "synthcity"),
+        "trainer.max_iters=2",
+        "trainer.log_interval=1",
+    ]
+    result = _train_cli("+experiment=synthcity_ce", *args, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    (run_dir,) = (tmp_path / "outputs" / "synthcity_ce").iterdir()
+    names = {p.name for p in run_dir.iterdir()}
+    assert {".hydra", "train.log", "tb", "checkpoints"} <= names
+    assert {p.name for p in (run_dir / "checkpoints").iterdir()} >= {"last.pt"}
+    log = (run_dir / "train.log").read_text()
+    assert "iter 2/2" in log and "eval at iter 2" in log
+    saved = OmegaConf.load(run_dir / ".hydra" / "config.yaml")
+    assert saved.loss.name == "ce"

@@ -1,0 +1,294 @@
+"""Unit tests of the trainer's parts: schedule, optimizer groups, AMP choice, the skipping
+step, running statistics, RNG state and run-folder helpers."""
+
+from __future__ import annotations
+
+import io
+import itertools
+import math
+import os
+import random
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from seg.engine.amp import build_grad_scaler, resolve_amp
+from seg.engine.optim import build_sgd, is_fused, split_decay_params
+from seg.engine.schedule import WarmupPolyLR
+from seg.engine.train_run import find_auto_resume, per_rank_batch, resolve_resume
+from seg.engine.trainer import (
+    RunningStats,
+    StepOutput,
+    TrainerSettings,
+    TrainStep,
+    capture_rng_state,
+    restore_rng_state,
+)
+from seg.errors import ConfigError
+from seg.losses import LossOutput
+
+
+# ------------------------------------------------------------------------------ schedule
+def _optimizer(lr: float = 0.05) -> torch.optim.SGD:
+    return torch.optim.SGD([nn.Parameter(torch.zeros(2))], lr=lr)
+
+
+def test_warmup_poly_values() -> None:
+    opt = _optimizer(0.05)
+    sched = WarmupPolyLR(opt, max_iters=100, power=0.9, warmup_iters=10, warmup_ratio=0.1)
+    lrs = []
+    for _ in range(100):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert lrs[0] == pytest.approx(0.05 * 0.1)  # warm-up starts at ratio * lr (poly(0) = 1)
+    assert lrs[5] == pytest.approx(0.05 * (0.1 + 0.9 * 0.5) * 0.95**0.9)
+    assert lrs[10] == pytest.approx(0.05 * 0.9**0.9)  # warm-up over, pure poly
+    assert lrs[99] == pytest.approx(0.05 * 0.01**0.9)
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.0)  # reaches 0 at max_iters
+    assert all(b < a for a, b in itertools.pairwise(lrs[10:]))
+
+
+def test_exp_warmup_and_min_lr() -> None:
+    opt = _optimizer(1.0)
+    sched = WarmupPolyLR(
+        opt, max_iters=10, warmup_iters=4, warmup="exp", warmup_ratio=0.01, min_lr=0.1
+    )
+    assert sched.lr_at(0, 1.0) == pytest.approx(0.01)
+    assert sched.lr_at(2, 1.0) == pytest.approx(0.1 * (0.9 * 0.8**0.9 + 0.1))
+    assert sched.lr_at(10, 1.0) == pytest.approx(0.1)
+
+
+def test_schedule_state_round_trip_and_bad_values() -> None:
+    opt = _optimizer()
+    sched = WarmupPolyLR(opt, max_iters=50, warmup_iters=5)
+    for _ in range(7):
+        opt.step()
+        sched.step()
+    buffer = io.BytesIO()
+    torch.save(sched.state_dict(), buffer)
+    buffer.seek(0)
+    state = torch.load(buffer, weights_only=True)
+    opt2 = _optimizer()
+    sched2 = WarmupPolyLR(opt2, max_iters=50, warmup_iters=5)
+    sched2.load_state_dict(state)
+    assert sched2.last_epoch == 7
+    opt.step(), sched.step(), opt2.step(), sched2.step()
+    assert opt2.param_groups[0]["lr"] == opt.param_groups[0]["lr"]
+    assert "max_iters" not in state  # settings come from the config
+    longer = WarmupPolyLR(_optimizer(), max_iters=200, warmup_iters=5)
+    longer.load_state_dict(state)  # resuming with a larger trainer.max_iters extends the run
+    assert longer.last_epoch == 7 and longer.max_iters == 200
+    assert longer.optimizer.param_groups[0]["lr"] == pytest.approx(longer.lr_at(7, 0.05))
+    with pytest.raises(ConfigError, match="warmup"):
+        WarmupPolyLR(_optimizer(), max_iters=10, warmup="cosine")
+    with pytest.raises(ConfigError, match="max_iters"):
+        WarmupPolyLR(_optimizer(), max_iters=0)
+
+
+# ----------------------------------------------------------------------------- optimizer
+class _Net(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1, bias=False)
+        self.bn = nn.BatchNorm2d(4)
+        self.head = nn.Conv2d(4, 5, 1)  # weight + bias
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {"main": self.head(torch.relu(self.bn(self.conv(x))))}
+
+
+def test_no_weight_decay_on_norm_layers_and_biases() -> None:
+    net = _Net()
+    decay, no_decay = split_decay_params(net)
+    assert {id(p) for p in decay} == {id(net.conv.weight), id(net.head.weight)}
+    assert {id(p) for p in no_decay} == {id(net.bn.weight), id(net.bn.bias), id(net.head.bias)}
+    opt = build_sgd(net, lr=0.1, weight_decay=5e-4)
+    wds = sorted(g["weight_decay"] for g in opt.param_groups)
+    assert wds == [0.0, 5e-4]
+    assert is_fused(opt)  # CPU and CUDA have the fused kernel
+    assert not is_fused(build_sgd(net, lr=0.1, impl="foreach"))
+    with pytest.raises(ConfigError, match=r"optim\.impl"):
+        build_sgd(net, lr=0.1, impl="fastest")
+    with pytest.raises(ConfigError, match=r"optim\.lr"):
+        build_sgd(net, lr=0.0)
+
+
+@pytest.mark.parametrize("impl", ["fused", "foreach", "plain"])
+def test_eager_momentum_buffers_match_torch_sgd(impl: str) -> None:
+    """Zero-initialised momentum buffers give exactly PyTorch's updates."""
+    torch.manual_seed(0)
+    net_a = _Net()
+    net_b = _Net()
+    net_b.load_state_dict(net_a.state_dict())
+    ours = build_sgd(net_a, lr=0.1, momentum=0.9, weight_decay=0.01, impl=impl)
+    flags = {"fused": {"fused": True}, "foreach": {"foreach": True}, "plain": {"foreach": False}}
+    ref = torch.optim.SGD(
+        net_b.parameters(), lr=0.1, momentum=0.9, weight_decay=0.01, **flags[impl]
+    )
+    x = torch.randn(2, 3, 8, 8)
+    for _ in range(3):
+        for net, opt in ((net_a, ours), (net_b, ref)):
+            opt.zero_grad()
+            net(x)["main"].square().mean().backward()
+            if net is net_b:  # the reference decays every parameter: undo for the no-decay ones
+                for p in (net_b.bn.weight, net_b.bn.bias, net_b.head.bias):
+                    p.grad.sub_(0.01 * p.detach())
+            opt.step()
+    for a, b in zip(net_a.parameters(), net_b.parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+
+
+# ------------------------------------------------------------------------------------ amp
+def test_amp_resolution() -> None:
+    cpu16 = resolve_amp("fp16", "cpu")
+    assert cpu16.dtype is None and not cpu16.use_scaler and cpu16.name == "fp32"
+    cpu_bf16 = resolve_amp("bf16", "cpu")
+    assert cpu_bf16.dtype is torch.bfloat16 and not cpu_bf16.use_scaler
+    assert resolve_amp("off", "cpu").dtype is None
+    gpu16 = resolve_amp("fp16", "cuda")
+    assert gpu16.dtype is torch.float16 and gpu16.use_scaler
+    gpu_bf16 = resolve_amp("bf16", "cuda")
+    assert gpu_bf16.dtype is torch.bfloat16 and not gpu_bf16.use_scaler
+    assert not build_grad_scaler(cpu16).is_enabled()
+    with pytest.raises(ConfigError, match=r"trainer\.amp"):
+        resolve_amp("fp8", "cpu")
+
+
+# ------------------------------------------------------------------------ skipping step
+class _ToggleLoss(nn.Module):
+    """Mean squared logits, times NaN while ``poison`` is set."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.poison = False
+
+    def forward(self, outputs: dict[str, torch.Tensor], labels: torch.Tensor) -> LossOutput:
+        total = outputs["main"].float().square().mean()
+        if self.poison:
+            total = total * float("nan")
+        return LossOutput(total, {"main": total}, {"main/kept_fraction": torch.tensor(0.5)})
+
+
+def _snapshot(net: nn.Module, opt: torch.optim.Optimizer) -> list[torch.Tensor]:
+    state = [t.clone() for t in net.state_dict().values()]
+    state += [s["momentum_buffer"].clone() for s in opt.state.values()]
+    return state
+
+
+def _check_nonfinite_step_changes_nothing(impl: str, amp_mode: str, device: str) -> None:
+    torch.manual_seed(0)
+    net = _Net().to(device)
+    opt = build_sgd(net, lr=0.1, impl=impl)
+    sched = WarmupPolyLR(opt, max_iters=10, warmup_iters=0)
+    amp = resolve_amp(amp_mode, device)
+    loss = _ToggleLoss()
+    step = TrainStep(
+        net, loss, opt, sched, build_grad_scaler(amp), amp, [0.5] * 3, [0.25] * 3,
+        torch.device(device), channels_last=device != "cpu", buffers_of=net,
+    )  # fmt: skip
+    batch = {
+        "image": torch.randint(0, 256, (2, 8, 8, 3), dtype=torch.uint8),
+        "label": torch.zeros(2, 8, 8, dtype=torch.uint8),
+    }
+    assert not bool(step(batch).skipped)
+    before = _snapshot(net, opt)
+    loss.poison = True
+    out = step(batch)
+    assert bool(out.skipped)
+    after = _snapshot(net, opt)
+    assert all(torch.equal(a, b) for a, b in zip(before, after, strict=True))  # BN stats too
+    loss.poison = False
+    assert not bool(step(batch).skipped)
+    assert not all(torch.equal(a, b) for a, b in zip(after, _snapshot(net, opt), strict=True))
+    assert sched.last_epoch == 3  # the schedule counts skipped iterations
+
+
+@pytest.mark.parametrize("impl", ["fused", "plain"])
+@pytest.mark.parametrize("amp_mode", ["off", "bf16"])
+def test_nonfinite_step_changes_nothing(impl: str, amp_mode: str) -> None:
+    _check_nonfinite_step_changes_nothing(impl, amp_mode, "cpu")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("impl", ["fused", "foreach"])
+@pytest.mark.parametrize("amp_mode", ["fp16", "bf16"])
+def test_nonfinite_step_changes_nothing_on_cuda(impl: str, amp_mode: str) -> None:
+    """fp16: the GradScaler skips the step; bf16: the fused kernel's found_inf (or a sync)."""
+    _check_nonfinite_step_changes_nothing(impl, amp_mode, "cuda")
+
+
+def test_running_stats_skip_bad_steps_and_track_streaks() -> None:
+    stats = RunningStats(torch.device("cpu"))
+
+    def add(value: float) -> None:
+        total = torch.tensor(value)
+        stats.add(
+            StepOutput(
+                total, {"main": total}, {"main/kept": torch.tensor(0.25)}, ~torch.isfinite(total)
+            )
+        )
+
+    for value in (1.0, float("nan"), 3.0, float("nan"), float("inf"), float("nan"), 5.0):
+        add(value)
+    values = stats.flush()
+    assert values["loss"] == pytest.approx(3.0) and values["loss/main"] == pytest.approx(3.0)
+    assert values["main/kept"] == pytest.approx(0.25)
+    assert values["nonfinite_steps"] == 4 and values["max_nonfinite_streak"] == 3
+    add(float("nan"))
+    assert stats.read_max_streak() == 1
+    values = stats.flush()
+    assert math.isnan(values["loss"]) and values["nonfinite_steps"] == 5
+
+
+# ------------------------------------------------------------------------------ RNG state
+def test_rng_state_round_trips_through_weights_only_load() -> None:
+    random.seed(1), np.random.seed(2), torch.manual_seed(3)
+    state = capture_rng_state()
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=True)
+    expected = (random.random(), np.random.rand(), torch.rand(1).item())
+    random.seed(9), np.random.seed(9), torch.manual_seed(9)
+    restore_rng_state(loaded)
+    assert (random.random(), np.random.rand(), torch.rand(1).item()) == expected
+
+
+# ------------------------------------------------------------------------- run helpers
+def test_trainer_settings_reject_bad_intervals() -> None:
+    good = {"max_iters": 10, "eval_interval": 5, "ckpt_interval": 5, "log_interval": 1}
+    TrainerSettings(**good)
+    with pytest.raises(ConfigError, match=r"trainer\.eval_interval must be >= 1, got 0"):
+        TrainerSettings(**{**good, "eval_interval": 0})
+    with pytest.raises(ConfigError, match=r"trainer\.max_nonfinite_steps"):
+        TrainerSettings(**good, max_nonfinite_steps=0)
+
+
+def test_per_rank_batch() -> None:
+    assert per_rank_batch(16, 4) == 4
+    with pytest.raises(ConfigError, match=r"loader\.batch_size=6"):
+        per_rank_batch(6, 4)
+
+
+def test_auto_resume_picks_newest_last_pt(tmp_path: Path) -> None:
+    outputs = tmp_path / "outputs" / "exp"
+    new_run = outputs / "2026-01-03_00-00-00"
+    new_run.mkdir(parents=True)
+    assert find_auto_resume(new_run) is None
+    paths = []
+    for i, name in enumerate(["2026-01-01_00-00-00", "2026-01-02_00-00-00"]):
+        path = outputs / name / "checkpoints" / "last.pt"
+        path.parent.mkdir(parents=True)
+        path.write_bytes(b"x")
+        os.utime(path, (time.time() + i, time.time() + i))
+        paths.append(path)
+    assert find_auto_resume(new_run) == paths[1]
+    assert resolve_resume("auto", new_run) == paths[1]
+    assert resolve_resume(None, new_run) is None
+    with pytest.raises(ConfigError, match="resume="):
+        resolve_resume(str(tmp_path / "missing.pt"), new_run)
