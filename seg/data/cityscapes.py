@@ -1,0 +1,104 @@
+"""Cityscapes in its official layout.
+
+```
+<root>/leftImg8bit/<split>/<city>/<base>_leftImg8bit.png
+<root>/gtFine/<split>/<city>/<base>_gtFine_labelIds.png       (ids 0..33)
+<root>/gtFine/<split>/<city>/<base>_gtFine_labelTrainIds.png  (optional, train ids)
+```
+Label ids map to the 19 train ids through the 256-entry table of ``seg.data.labels``
+(built from ``cityscapesscripts.helpers.labels``; void ids -> 255). When every image of
+the split has a ``*_labelTrainIds.png`` (made by cityscapesscripts' createTrainIdLabelImgs)
+those are read instead, as they are already train ids.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import ClassVar, Literal
+
+from seg.data.folder import PairedDataset, _finish
+from seg.data.labels import (
+    CITYSCAPES_CLASS_NAMES,
+    CITYSCAPES_PALETTE,
+    cityscapes_lookup_table,
+    identity_lookup_table,
+)
+from seg.errors import ConfigError, DatasetError
+
+SPLITS = ("train", "val", "test")
+IMAGE_SUFFIX = "_leftImg8bit.png"
+LABEL_IDS_SUFFIX = "_gtFine_labelIds.png"
+TRAIN_IDS_SUFFIX = "_gtFine_labelTrainIds.png"
+LAYOUT = f"leftImg8bit/<split>/<city>/*{IMAGE_SUFFIX} and gtFine/<split>/<city>/*{LABEL_IDS_SUFFIX}"
+
+LabelType = Literal["auto", "labelIds", "labelTrainIds"]
+
+
+class CityscapesDataset(PairedDataset):
+    """Cityscapes ``train`` / ``val`` / ``test`` split; items follow the data contract.
+
+    Args:
+        root: dataset root (relative paths resolve against the working directory).
+        split: ``train``, ``val`` or ``test``.
+        transform: albumentations pipeline (``seg.data.transforms``) or None.
+        label_type: ``auto`` (labelTrainIds when all present, else labelIds) or a fixed kind.
+        strict: raise on the first image without a label (False: collect in ``problems``).
+    """
+
+    num_classes: ClassVar[int] = len(CITYSCAPES_CLASS_NAMES)
+    class_names: ClassVar[tuple[str, ...]] = CITYSCAPES_CLASS_NAMES
+    palette: ClassVar[tuple[tuple[int, int, int], ...]] = CITYSCAPES_PALETTE
+
+    def __init__(
+        self,
+        root: str | Path = "data/cityscapes",
+        split: str = "train",
+        transform=None,
+        label_type: LabelType = "auto",
+        strict: bool = True,
+    ) -> None:
+        if split not in SPLITS:
+            raise ConfigError(f"unknown Cityscapes split {split!r} (expected one of {SPLITS})")
+        if label_type not in ("auto", "labelIds", "labelTrainIds"):
+            raise ConfigError(
+                f"unknown label_type {label_type!r} (expected auto, labelIds or labelTrainIds)"
+            )
+        self.root = Path(root)
+        self.split = split
+        if not self.root.is_dir():
+            raise DatasetError(f"dataset root not found: {self.root.resolve()} (expected {LAYOUT})")
+        image_root = self.root / "leftImg8bit" / split
+        label_root = self.root / "gtFine" / split
+        for folder, pattern in (
+            (image_root, f"leftImg8bit/{split}/<city>/*{IMAGE_SUFFIX}"),
+            (label_root, f"gtFine/{split}/<city>/*{LABEL_IDS_SUFFIX}"),
+        ):
+            if not folder.is_dir():
+                raise DatasetError(
+                    f"split folder not found: {folder.resolve()} (expected {pattern})"
+                )
+
+        images = sorted(image_root.glob(f"*/*{IMAGE_SUFFIX}"))
+        bases = [(p, p.parent.name, p.name[: -len(IMAGE_SUFFIX)]) for p in images]
+        if label_type == "auto":
+            has_train_ids = bool(bases) and all(
+                (label_root / city / f"{base}{TRAIN_IDS_SUFFIX}").is_file()
+                for _, city, base in bases
+            )
+            label_type = "labelTrainIds" if has_train_ids else "labelIds"
+        self.label_type = label_type
+        suffix = TRAIN_IDS_SUFFIX if label_type == "labelTrainIds" else LABEL_IDS_SUFFIX
+        lut, valid = (
+            identity_lookup_table(self.num_classes)
+            if label_type == "labelTrainIds"
+            else cityscapes_lookup_table()
+        )
+        pairs, problems = [], []
+        for image_path, city, base in bases:
+            label_path = label_root / city / f"{base}{suffix}"
+            if label_path.is_file():
+                pairs.append((image_path, label_path))
+            else:
+                problems.append(f"image without a label (expected {label_path}): {image_path}")
+        _finish(pairs, problems, strict, image_root, f"<city>/*{IMAGE_SUFFIX}")
+        super().__init__(pairs, lut, valid, transform=transform, problems=problems)

@@ -1,0 +1,196 @@
+"""Training and evaluation loaders: infinite seeded sampler, DDP sharding, worker seeding.
+
+Exact resume. The training order is a pure function of ``(seed, pass index)``: pass ``p``
+is ``default_rng([seed, p]).permutation(N)``; rank ``r`` of ``W`` takes positions
+``r, r + W, r + 2W, ...`` of it (``N // W`` each, so every rank gets the same count and
+distinct images; the ``N % W`` leftover differ from pass to pass). Restarting at iteration
+``i`` skips ``i * batch_size`` samples of the rank's stream by arithmetic: only the
+permutation of the pass in which training resumes is computed.
+
+Augmentation. The sampler yields ``(index, sample_seed)`` with
+``sample_seed = f(seed, global position)``, the global position being
+``pass * N + position in the permutation`` (unique over ranks and passes). Datasets
+re-seed their albumentations pipeline with it per item (``seg.data.transforms``), so an
+item's augmentation depends neither on which worker loads it nor on what the worker
+loaded before: a resumed run sees bit-identical batches.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterator
+from functools import partial
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from seg.errors import ConfigError, SegError
+
+
+def build_dataset(node, **overrides) -> Dataset:
+    """``hydra.utils.instantiate(node, **overrides)`` that lets a ``SegError`` through.
+
+    Hydra wraps any exception raised by a target in ``InstantiationException`` (with a
+    multi-line message); a dataset error (missing root, image without a label) should
+    reach the user as its own one-line ``DatasetError`` instead.
+    """
+    from hydra.errors import InstantiationException
+    from hydra.utils import instantiate
+
+    try:
+        return instantiate(node, **overrides)
+    except InstantiationException as err:
+        cause = err.__cause__
+        while cause is not None and not isinstance(cause, SegError):
+            cause = cause.__cause__
+        if cause is not None:
+            raise cause from None
+        raise
+
+
+def sample_seed(seed: int, position: int) -> int:
+    """32-bit augmentation seed of the sample at global ``position`` of run ``seed``."""
+    return int(np.random.SeedSequence([seed, position]).generate_state(1)[0])
+
+
+class InfiniteSampler(Sampler):
+    """Endless, seeded, DDP-sharded stream of ``(index, sample_seed)``.
+
+    Args:
+        size: number of items ``N`` in the dataset.
+        seed: run seed (non-negative).
+        rank, world_size: this process's DDP rank and the number of ranks.
+        start: number of samples of this rank's stream to skip (``start_iter * batch_size``).
+        shuffle: False keeps the order 0..N-1 in every pass (for debugging).
+    """
+
+    def __init__(
+        self,
+        size: int,
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+        start: int = 0,
+        shuffle: bool = True,
+    ) -> None:
+        if world_size < 1 or not 0 <= rank < world_size:
+            raise ConfigError(f"invalid rank {rank} for world size {world_size}")
+        if seed < 0 or start < 0:
+            raise ConfigError(f"seed and start must be >= 0, got seed={seed}, start={start}")
+        self.per_rank = size // world_size
+        if self.per_rank == 0:
+            raise ConfigError(f"dataset of {size} items is too small for {world_size} ranks")
+        self.size, self.seed, self.rank, self.world_size = size, seed, rank, world_size
+        self.start, self.shuffle = start, shuffle
+
+    def permutation(self, pass_index: int) -> np.ndarray:
+        """Order of pass ``pass_index`` over all ``N`` items (before sharding)."""
+        if not self.shuffle:
+            return np.arange(self.size)
+        return np.random.default_rng([self.seed, pass_index]).permutation(self.size)
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        pass_index, offset = divmod(self.start, self.per_rank)
+        while True:
+            order = self.permutation(pass_index)
+            for j in range(offset, self.per_rank):
+                position = self.rank + j * self.world_size
+                global_position = pass_index * self.size + position
+                yield int(order[position]), sample_seed(self.seed, global_position)
+            offset = 0
+            pass_index += 1
+
+
+class ShardedEvalSampler(Sampler):
+    """Rank ``r`` gets items ``r, r + W, ...``: no padding, so every image is counted once
+    when confusion matrices are all-reduced (ranks may differ by one item)."""
+
+    def __init__(self, size: int, rank: int = 0, world_size: int = 1) -> None:
+        if world_size < 1 or not 0 <= rank < world_size:
+            raise ConfigError(f"invalid rank {rank} for world size {world_size}")
+        self.indices = list(range(rank, size, world_size))
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+
+def seed_worker(worker_id: int, base_seed: int) -> None:
+    """Seed the global RNGs of a loader worker, for any code that uses them.
+
+    (Do not call ``cv2.setNumThreads`` here: in a forked worker whose parent already ran
+    OpenCV's thread pool it can block forever.)
+    """
+    del worker_id  # torch.initial_seed() already differs per worker
+    worker_seed = (base_seed + torch.initial_seed()) % 2**32
+    random.seed(worker_seed)
+    np.random.seed(worker_seed)
+
+
+def _loader_kwargs(num_workers: int, pin_memory: bool | None, seed: int) -> dict:
+    if num_workers < 0:
+        raise ConfigError(f"num_workers must be >= 0, got {num_workers}")
+    kwargs: dict = {
+        "num_workers": num_workers,
+        "pin_memory": torch.cuda.is_available() if pin_memory is None else pin_memory,
+        "worker_init_fn": partial(seed_worker, base_seed=seed),
+        "generator": torch.Generator().manual_seed(seed),
+    }
+    if num_workers > 0:
+        kwargs["persistent_workers"] = True
+        kwargs["prefetch_factor"] = 2
+    return kwargs
+
+
+def build_train_loader(
+    dataset: Dataset,
+    batch_size: int,
+    num_workers: int,
+    seed: int,
+    rank: int = 0,
+    world_size: int = 1,
+    start_iter: int = 0,
+    pin_memory: bool | None = None,
+) -> DataLoader:
+    """Endless training loader over ``dataset`` (batches of ``batch_size`` per rank).
+
+    Batches: ``{"image": uint8 N x H x W x 3, "label": uint8 N x H x W, "name": [str]}``.
+    Iterate it once (``it = iter(loader)``; ``next(it)`` per step). With ``start_iter=i`` the
+    first batch is the one an uninterrupted run would have used at iteration ``i``.
+    ``pin_memory`` defaults to True when CUDA is available.
+    """
+    if batch_size < 1:
+        raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
+    sampler = InfiniteSampler(
+        len(dataset), seed=seed, rank=rank, world_size=world_size, start=start_iter * batch_size
+    )
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        sampler=sampler,
+        drop_last=True,
+        **_loader_kwargs(num_workers, pin_memory, seed * 1000 + rank),
+    )
+
+
+def build_eval_loader(
+    dataset: Dataset,
+    batch_size: int,
+    num_workers: int,
+    rank: int = 0,
+    world_size: int = 1,
+    pin_memory: bool | None = None,
+) -> DataLoader:
+    """Finite loader over this rank's shard of ``dataset`` in index order (no duplicates)."""
+    if batch_size < 1:
+        raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        sampler=ShardedEvalSampler(len(dataset), rank=rank, world_size=world_size),
+        drop_last=False,
+        **_loader_kwargs(num_workers, pin_memory, rank),
+    )
