@@ -35,12 +35,12 @@ from seg.data.batch import normalize_images
 from seg.engine.checkpoint import load_checkpoint
 from seg.engine.inference import AMP_MODES, INFERENCE_MODES, autocast_context, predict_probs
 from seg.errors import CheckpointError, ConfigError, DatasetError, SegError
+from seg.models.weights import strip_wrapper_prefixes
 from seg.visualize import colorize, generated_palette, overlay, palette_array
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
 VIDEO_SUFFIXES = (".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg")
 #: Prefixes that wrappers add to parameter names (DDP, torch.compile); stripped on load.
-WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 
 
 # --------------------------------------------------------------------------- model
@@ -163,10 +163,7 @@ def load_model_state(
     Aux-head entries are dropped; anything else that does not fit (a missing or unknown
     key, a shape mismatch) is a :class:`CheckpointError` naming the first offenders.
     """
-    cleaned = dict(state)
-    for prefix in WRAPPER_PREFIXES:  # a prefix that every key carries came from a wrapper
-        if cleaned and all(key.startswith(prefix) for key in cleaned):
-            cleaned = {key[len(prefix) :]: value for key, value in cleaned.items()}
+    cleaned = strip_wrapper_prefixes(state)
     expected = model.state_dict()
     unknown = set(cleaned) - set(expected)
     if unknown:

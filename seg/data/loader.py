@@ -29,24 +29,11 @@ from seg.errors import ConfigError, SegError
 
 
 def build_dataset(node, **overrides) -> Dataset:
-    """``hydra.utils.instantiate(node, **overrides)`` that lets a ``SegError`` through.
+    """``instantiate(node, **overrides)``: a ``DatasetError`` (missing root, image without a
+    label) reaches the user as its own one-line message (see ``seg.instantiate``)."""
+    from seg.instantiate import build
 
-    Hydra wraps any exception raised by a target in ``InstantiationException`` (with a
-    multi-line message); a dataset error (missing root, image without a label) should
-    reach the user as its own one-line ``DatasetError`` instead.
-    """
-    from hydra.errors import InstantiationException
-    from hydra.utils import instantiate
-
-    try:
-        return instantiate(node, **overrides)
-    except InstantiationException as err:
-        cause = err.__cause__
-        while cause is not None and not isinstance(cause, SegError):
-            cause = cause.__cause__
-        if cause is not None:
-            raise cause from None
-        raise
+    return build(node, "dataset", **overrides)
 
 
 def sample_seed(seed: int, position: int) -> int:

@@ -27,8 +27,7 @@ import torch
 from cityscapesscripts.helpers.labels import labels as cityscapes_labels
 from hydra import compose, initialize_config_dir
 from hydra.core.override_parser.overrides_parser import OverridesParser
-from hydra.errors import HydraException, InstantiationException
-from hydra.utils import instantiate
+from hydra.errors import HydraException
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 from torch import nn
@@ -38,7 +37,9 @@ from seg.data.loader import build_eval_loader
 from seg.engine.checkpoint import atomic_write_bytes, load_checkpoint
 from seg.engine.evaluator import Evaluator
 from seg.errors import CheckpointError, ConfigError, SegError
+from seg.instantiate import build
 from seg.metrics import format_metrics_table
+from seg.models.weights import strip_wrapper_prefixes
 
 CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
 TOOL_KEYS = ("ckpt", "out", "save_pred", "device", "progress")
@@ -145,39 +146,15 @@ def build_eval_config(
 
 
 # -------------------------------------------------------------------------- model loading
-def instantiate_checked(node: Any, what: str) -> Any:
-    """``hydra.utils.instantiate`` that lets a ``SegError`` raised inside through unwrapped
-    (Hydra wraps errors of the target in ``InstantiationException``)."""
-    try:
-        return instantiate(node)
-    except InstantiationException as error:
-        cause = error.__cause__
-        if isinstance(cause, SegError):
-            raise cause from None
-        first = str(error).strip().splitlines()[0]
-        raise ConfigError(
-            f"cannot build the {what} from the checkpoint's config: {first}"
-        ) from None
-
-
-def _strip_prefixes(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Drop a ``module.`` (DDP) or ``_orig_mod.`` (torch.compile) prefix shared by all keys."""
-    state = dict(state)
-    for prefix in ("module.", "_orig_mod."):
-        if state and all(k.startswith(prefix) for k in state):
-            state = {k[len(prefix) :]: v for k, v in state.items()}
-    return state
-
-
 def build_model(cfg: DictConfig, state: Mapping[str, torch.Tensor], ckpt_path: Path) -> nn.Module:
     """Instantiate ``cfg.model`` without pretrained weights and load ``state`` strictly."""
     model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
     assert isinstance(model_cfg, dict)
     if "weights" in model_cfg:
         model_cfg["weights"] = None  # the checkpoint holds every weight
-    model = instantiate_checked(model_cfg, "model")
+    model = build(model_cfg, "model from the checkpoint's config")
     try:
-        result = model.load_state_dict(_strip_prefixes(state), strict=False)
+        result = model.load_state_dict(strip_wrapper_prefixes(state), strict=False)
     except RuntimeError as error:  # shape mismatches, e.g. a head with another class count
         lines = [line.strip() for line in str(error).splitlines() if "size mismatch" in line]
         detail = lines[0] if lines else str(error).strip().splitlines()[0]
@@ -361,9 +338,9 @@ def run_eval(tool_cfg: DictConfig, overrides: Mapping[str, Any]) -> dict[str, An
     try:
         device = resolve_device(str(tool_cfg.get("device", "auto")))
         model = build_model(cfg, checkpoint["model"], ckpt_path).to(device)
-        dataset = instantiate_checked(cfg.dataset.val, "dataset")
+        dataset = build(cfg.dataset.val, "dataset")
         check_num_classes(cfg, dataset, ckpt_path)
-        evaluator: Evaluator = instantiate_checked(cfg.eval, "evaluator")
+        evaluator: Evaluator = build(cfg.eval, "evaluator")
         loader_cfg = cfg.get("loader") or {}
         loader = build_eval_loader(
             dataset,

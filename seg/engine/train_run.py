@@ -25,8 +25,6 @@ from typing import Any
 
 import torch
 import torch.distributed
-from hydra.errors import InstantiationException
-from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
@@ -44,27 +42,13 @@ from seg.engine.trainer import (
     TrainStep,
     seed_everything,
 )
-from seg.errors import ConfigError, DatasetError, SegError
+from seg.errors import ConfigError, DatasetError
+from seg.instantiate import build
 
 logger = logging.getLogger("seg.train")
 
 
 # ------------------------------------------------------------------------------ helpers
-def build(node: Any, what: str, **kwargs: Any) -> Any:
-    """``hydra.utils.instantiate(node, **kwargs)``; a ``SegError`` raised by the target comes
-    out unwrapped (Hydra wraps it), anything else as a one-line ``ConfigError``."""
-    try:
-        return instantiate(node, **kwargs)
-    except InstantiationException as error:
-        cause = error.__cause__
-        while cause is not None and not isinstance(cause, SegError):
-            cause = cause.__cause__
-        if isinstance(cause, SegError):
-            raise cause from None
-        first = str(error).strip().splitlines()[0] if str(error).strip() else repr(error)
-        raise ConfigError(f"cannot build the {what}: {first}") from None
-
-
 def build_dataset(cfg: DictConfig, split_key: str) -> Any:
     """``instantiate(cfg.dataset.<split_key>)``; a missing dataset names where it was
     expected and how to point ``dataset.root`` elsewhere, in one line."""

@@ -20,6 +20,19 @@ from seg.errors import CheckpointError
 logger = logging.getLogger(__name__)
 
 
+#: Key prefixes added by wrappers: DistributedDataParallel and torch.compile.
+WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+
+
+def strip_wrapper_prefixes(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Drop a wrapper prefix (``module.``, ``_orig_mod.``) that every key carries."""
+    cleaned = dict(state)
+    for prefix in WRAPPER_PREFIXES:
+        if cleaned and all(key.startswith(prefix) for key in cleaned):
+            cleaned = {key[len(prefix) :]: value for key, value in cleaned.items()}
+    return cleaned
+
+
 @dataclass
 class WeightsReport:
     """What ``load_weights`` did: loaded keys, and keys that were missing, unexpected or
