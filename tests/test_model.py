@@ -290,6 +290,19 @@ def test_init_kaiming_and_zero_last_bn_of_ge_layers(model: BiSeNetV2) -> None:
     assert torch.all(fresh.head.classifier.bias == 0)
 
 
+def test_classifiers_start_small_so_every_head_starts_near_log_c() -> None:
+    torch.manual_seed(0)
+    net = BiSeNetV2(19).train()
+    for head in [net.head, *net.aux_heads.values()]:
+        assert head.classifier.weight.std().item() == pytest.approx(0.01, rel=0.1)
+    labels = torch.randint(0, 19, (2, 64, 128))
+    with torch.no_grad():
+        outputs = net(torch.randn(2, 3, 64, 128))
+    for name, logits in outputs.items():
+        loss = nn.functional.cross_entropy(logits, labels).item()
+        assert loss == pytest.approx(math.log(19), abs=0.3), name
+
+
 def test_weights_roundtrip_from_state_dict_and_checkpoint(
     model: BiSeNetV2, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:

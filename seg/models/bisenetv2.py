@@ -329,10 +329,14 @@ class BiSeNetV2(nn.Module):
             )
 
     def init_weights(self) -> None:
-        """Kaiming-normal convolutions (fan_out), zero biases, BN at 1/0, zero-init BNs.
+        """Kaiming-normal convolutions (fan_out), zero biases, BN at 1/0, zero-init BNs,
+        and small classifiers.
 
         The BN that ends each GE layer's main path starts with weight 0 so that each
-        residual block starts close to its shortcut, which steadies early training.
+        residual block starts close to its shortcut, which steadies early training. The
+        final 1x1 classifier of every head is drawn with std 0.01 (mmsegmentation's
+        convention for segmentation classifiers): with Kaiming init its logits start with
+        a std of about 5 and each head's cross-entropy near 10 instead of ln(C).
         """
         for module in self.modules():
             if isinstance(module, nn.Conv2d):
@@ -345,6 +349,9 @@ class BiSeNetV2(nn.Module):
                 else:
                     nn.init.ones_(module.weight)
                 nn.init.zeros_(module.bias)
+        for module in self.modules():
+            if isinstance(module, SegmentHead):
+                nn.init.normal_(module.classifier.weight, std=0.01)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor | dict[str, torch.Tensor]:
         if self.training and self.semantic.s5_5.bn.training and images.shape[0] < 2:
