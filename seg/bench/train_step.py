@@ -7,7 +7,9 @@ timed side by side (interleaved) in one run:
 - ``loss``: OHEM on all five heads vs cross-entropy on all five, both with the settings
   ``tools/train.py`` uses on the device (channels_last on CUDA, fp16 AMP on CUDA, fused SGD);
 - ``tuning``: a plain eager step (float32, NCHW, for-loop SGD, no skip guard) vs that
-  tuned step, and on CUDA (full runs only) the tuned step under ``torch.compile``.
+  tuned step, and on CUDA (full runs only) the tuned step under ``torch.compile``;
+- ``cpu layout/precision`` (CPU full runs only): the trainer's CPU step (float32, NCHW)
+  vs channels_last vs bf16 autocast, the figures behind ``trainer.channels_last: auto``.
 
 Sizes: CUDA batch 8 at 1024x1024 (the recipe's crop); CPU batch 4 at 256x512; ``quick``
 batch 2 at 64x128. Peak memory is ``torch.cuda.max_memory_allocated`` over one step (CUDA
@@ -49,6 +51,8 @@ class Variant:
     loss: str = "ohem"  # "ohem" | "ce"
     tuned: bool = True  # the trainer's settings for the device; False: plain eager fp32 NCHW
     compile: bool = False
+    amp: str | None = None  # override the tuned step's precision ("off" | "fp16" | "bf16")
+    channels_last: bool | None = None  # override the tuned step's memory format
 
 
 def make_batch(size: tuple[int, int, int], device: str, seed: int = 0) -> dict[str, torch.Tensor]:
@@ -81,10 +85,12 @@ def build_step(variant: Variant, device: str, state: dict[str, torch.Tensor]) ->
     model = BiSeNetV2(NUM_CLASSES)
     model.load_state_dict(state)
     channels_last = use_channels_last("auto", dev) if variant.tuned else False
+    if variant.tuned and variant.channels_last is not None:
+        channels_last = variant.channels_last
     model = model.to(dev)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
-    amp = resolve_amp("fp16" if variant.tuned else "off", dev)
+    amp = resolve_amp((variant.amp or "fp16") if variant.tuned else "off", dev)
     optimizer = build_sgd(model, lr=0.01, impl="auto" if variant.tuned else "plain")
     scheduler = WarmupPolyLR(optimizer, max_iters=10**9, warmup_iters=0)
     forward: nn.Module = torch.compile(model) if variant.compile else model
@@ -191,6 +197,18 @@ def run(options: BenchOptions) -> Section:
     more_rows, more_records = _compare("tuning", tuning, options, size, repeats, warmup, state)
     rows += more_rows
     records += more_records
+    if not on_cuda and not options.quick:
+        # The CPU choices of the trainer (NCHW, float32 unless asked) against the alternatives.
+        cpu_choices = [
+            Variant("tuned fp32 NCHW (CPU default)"),
+            Variant("tuned fp32 channels_last", channels_last=True),
+            Variant("tuned bf16 autocast NCHW", amp="bf16"),
+        ]
+        more_rows, more_records = _compare(
+            "cpu layout/precision", cpu_choices, options, size, repeats, warmup, state
+        )
+        rows += more_rows
+        records += more_records
     if not on_cuda:
         skipped.append("peak memory: reported on CUDA only")
     header = [
