@@ -5,11 +5,12 @@ there, forward, five-head loss, backward, SGD, LR schedule) on the same syntheti
 timed side by side (interleaved) in one run:
 
 - ``loss``: OHEM on all five heads vs cross-entropy on all five, both with the settings
-  ``tools/train.py`` uses on the device (channels_last on CUDA, fp16 AMP on CUDA, fused SGD);
+  ``tools/train.py`` uses on the device (channels_last, fp16 AMP on CUDA, fused SGD);
 - ``tuning``: a plain eager step (float32, NCHW, for-loop SGD, no skip guard) vs that
   tuned step, and on CUDA (full runs only) the tuned step under ``torch.compile``;
-- ``cpu layout/precision`` (CPU full runs only): the trainer's CPU step (float32, NCHW)
-  vs channels_last vs bf16 autocast, the figures behind ``trainer.channels_last: auto``.
+- ``cpu layout/precision`` (CPU full runs only): float32 NCHW vs float32 channels_last (the
+  trainer's CPU default) vs bf16 autocast, the figures behind ``trainer.channels_last: auto``
+  and ``trainer.amp=bf16`` on CPUs.
 
 Sizes: CUDA batch 8 at 1024x1024 (the recipe's crop); CPU batch 4 at 256x512; ``quick``
 batch 2 at 64x128. Peak memory is ``torch.cuda.max_memory_allocated`` over one step (CUDA
@@ -200,9 +201,9 @@ def run(options: BenchOptions) -> Section:
     if not on_cuda and not options.quick:
         # The CPU choices of the trainer (NCHW, float32 unless asked) against the alternatives.
         cpu_choices = [
-            Variant("tuned fp32 NCHW (CPU default)"),
-            Variant("tuned fp32 channels_last", channels_last=True),
-            Variant("tuned bf16 autocast NCHW", amp="bf16"),
+            Variant("tuned fp32 NCHW", channels_last=False),
+            Variant("tuned fp32 channels_last (CPU default)", channels_last=True),
+            Variant("tuned bf16 autocast channels_last", amp="bf16", channels_last=True),
         ]
         more_rows, more_records = _compare(
             "cpu layout/precision", cpu_choices, options, size, repeats, warmup, state
