@@ -12,6 +12,8 @@ import os
 import torch
 import torch.distributed as dist
 
+from seg.errors import ConfigError
+
 
 def env_world_size() -> int:
     """World size announced by ``torchrun`` (1 when not launched by it)."""
@@ -64,6 +66,26 @@ def default_device() -> torch.device:
     if torch.cuda.is_available():
         return torch.device("cuda", local_rank())
     return torch.device("cpu")
+
+
+def resolve_device(name: str, key: str = "device") -> torch.device:
+    """The device a ``key=name`` setting asks for; ``key`` names the setting in errors.
+
+    ``auto``: this process's GPU when CUDA is available (its own under DDP), else the CPU.
+    An explicit ``cuda`` under DDP also means this process's own GPU.
+    """
+    if name == "auto":
+        return default_device()
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError):
+        raise ConfigError(f"{key} must be auto, cpu, cuda or cuda:N, got {name!r}") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(f"{key}={name} asked for, but CUDA is not available (use {key}=cpu)")
+        if device.index is None and is_distributed():
+            device = torch.device("cuda", local_rank())
+    return device
 
 
 def barrier() -> None:

@@ -31,6 +31,7 @@ from hydra.utils import instantiate
 from torch import nn
 from tqdm import tqdm
 
+from seg import dist
 from seg.data.batch import normalize_images
 from seg.engine.checkpoint import load_checkpoint
 from seg.engine.inference import AMP_MODES, INFERENCE_MODES, autocast_context, predict_probs
@@ -63,19 +64,6 @@ class InferenceModel:
     config: dict[str, Any]
     device: torch.device
     path: Path
-
-
-def resolve_device(name: str) -> torch.device:
-    """``"auto"`` -> CUDA when available, else CPU; otherwise a torch device string."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except (RuntimeError, TypeError):
-        raise ConfigError(f"device must be auto, cpu, cuda or cuda:N, got {name!r}") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"device={name} asked for, but CUDA is not available (use device=cpu)")
-    return device
 
 
 def _dataset_info(config: Mapping[str, Any], path: Path) -> dict[str, Any]:
@@ -192,7 +180,7 @@ def load_inference_model(
 ) -> InferenceModel:
     """Load ``ckpt`` and return its model in eval mode on ``device``, aux heads dropped."""
     path = Path(ckpt)
-    device = resolve_device(device) if isinstance(device, str) else device
+    device = dist.resolve_device(device) if isinstance(device, str) else device
     checkpoint = load_checkpoint(path, map_location="cpu")
     config = checkpoint["config"]
     info = _dataset_info(config, path)

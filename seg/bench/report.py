@@ -18,24 +18,12 @@ from typing import Any
 
 import torch
 
+from seg import dist
 from seg.bench.timing import BenchOptions, Section
 from seg.errors import ConfigError
 
 #: Known sections, in the order they run.
 SECTIONS = ("model", "loss", "loader", "train_step")
-
-
-def resolve_device(name: str) -> str:
-    """``"auto"`` -> ``"cuda"`` when available else ``"cpu"``; reject CUDA where there is none."""
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        device = torch.device(name)
-    except RuntimeError as error:
-        raise ConfigError(f"unknown benchmark device {name!r}: {error}") from error
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"benchmark device {name!r} requested but CUDA is not available")
-    return name
 
 
 def parse_sections(text: str) -> list[str]:
@@ -152,7 +140,7 @@ def run_benchmark(
     sections: Sequence[str], options: BenchOptions, out_dir: Path | None = None
 ) -> tuple[str, Path]:
     """Run ``sections`` with ``options`` and write the results; returns (markdown, out_dir)."""
-    options.device = resolve_device(options.device)
+    options.device = str(dist.resolve_device(options.device, "--device"))
     machine = describe_machine(options.device)
     if torch.device(options.device).type != "cuda":
         print(

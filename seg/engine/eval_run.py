@@ -302,19 +302,6 @@ def write_reports(
 
 
 # ------------------------------------------------------------------------------- the run
-def resolve_device(name: str) -> torch.device:
-    """``auto``: this rank's GPU if any, else CPU; otherwise a torch device string."""
-    if name == "auto":
-        return dist.default_device()
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise ConfigError(f"unknown device {name!r}") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"device={name} requested but CUDA is not available")
-    return device
-
-
 def run_eval(tool_cfg: DictConfig, overrides: Mapping[str, Any]) -> dict[str, Any]:
     """Evaluate ``tool_cfg.ckpt``; returns the metrics (on every rank under DDP).
 
@@ -336,7 +323,7 @@ def run_eval(tool_cfg: DictConfig, overrides: Mapping[str, Any]) -> dict[str, An
 
     started_dist = not dist.is_distributed() and dist.init_distributed()
     try:
-        device = resolve_device(str(tool_cfg.get("device", "auto")))
+        device = dist.resolve_device(str(tool_cfg.get("device", "auto")))
         model = build_model(cfg, checkpoint["model"], ckpt_path).to(device)
         dataset = build(cfg.dataset.val, "dataset")
         check_num_classes(cfg, dataset, ckpt_path)

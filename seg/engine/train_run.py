@@ -61,22 +61,6 @@ def build_dataset(cfg: DictConfig, split_key: str) -> Any:
         raise DatasetError(message) from None
 
 
-def resolve_device(name: str) -> torch.device:
-    """``auto``: this rank's GPU when CUDA is available, else CPU; or a torch device name."""
-    if name == "auto":
-        return dist.default_device()
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise ConfigError(f"trainer.device: unknown device {name!r}") from None
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ConfigError(f"trainer.device={name} but CUDA is not available")
-        if dist.is_distributed():  # one GPU per process
-            device = torch.device("cuda", dist.local_rank())
-    return device
-
-
 def find_auto_resume(run_dir: Path) -> Path | None:
     """Newest ``*/checkpoints/last.pt`` among ``run_dir``'s siblings (``outputs/<experiment>/*``)."""
     candidates = [p for p in run_dir.parent.glob("*/checkpoints/last.pt") if p.is_file()]
@@ -257,7 +241,7 @@ def _train(
 ) -> TrainResult:
     rank, world_size = dist.get_rank(), dist.get_world_size()
     trainer_cfg = cfg.trainer
-    device = resolve_device(str(trainer_cfg.get("device", "auto")))
+    device = dist.resolve_device(str(trainer_cfg.get("device", "auto")), "trainer.device")
     amp = resolve_amp(str(trainer_cfg.get("amp", "fp16")), device)
     seed = int(cfg.get("seed", 0))
     batch = per_rank_batch(int(cfg.loader.batch_size), world_size)
