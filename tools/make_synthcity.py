@@ -16,6 +16,9 @@ from seg.errors import SegError
 
 
 def main(argv: list[str]) -> int:
+    if {"-h", "--help"} & set(argv):
+        print(__doc__)
+        return 0
     force = "--force" in argv
     overrides = [a for a in argv if a != "--force"]
     try:

@@ -25,7 +25,7 @@ from omegaconf import DictConfig
 from seg.bench.timing import markdown_table
 from seg.data.folder import PairedDataset
 from seg.data.loader import build_dataset
-from seg.errors import DatasetError, SegError
+from seg.errors import ConfigError, DatasetError, SegError
 
 CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
 
@@ -40,8 +40,12 @@ def compose_dataset_config(overrides: Sequence[str], default: str = "synthcity")
     group = [o for o in overrides if o.startswith(("dataset=", "+dataset="))]
     rest = [o for o in overrides if o not in group]
     name = group[-1].split("=", 1)[1] if group else default
-    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
-        return compose(config_name=None, overrides=[f"+dataset={name}", *rest])
+    try:
+        with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+            return compose(config_name=None, overrides=[f"+dataset={name}", *rest])
+    except HydraException as error:  # a typo in an override: one line, not a traceback
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise ConfigError(f"bad override in {' '.join(overrides)!r}: {first}") from None
 
 
 @dataclass
@@ -185,8 +189,8 @@ def main(argv: Sequence[str]) -> int:
     try:
         cfg = compose_dataset_config(argv)
         text, status = run_check(cfg.dataset)
-    except (SegError, HydraException) as err:
-        print(f"error: {str(err).splitlines()[0] if str(err) else type(err).__name__}")
+    except SegError as err:
+        print(f"error: {err}")
         return 2
     print(text)
     return status
