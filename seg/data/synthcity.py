@@ -116,7 +116,7 @@ class SynthCityParams:
     num_test: int = 0
     seed: int = 0
     # difficulty
-    colour_overlap: float = 0.5
+    colour_overlap: float = 0.35  # as configs/dataset/synthcity.yaml (docs/synthcity_calibration.md)
     colour_spread: float = 18.0
     texture: float = 1.0
     noise_std: float = 6.0
