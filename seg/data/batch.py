@@ -7,9 +7,24 @@ already channels_last, so the model receives channels_last input for free.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping, Sequence
 
 import torch
+
+
+@functools.lru_cache(maxsize=16)
+def _affine_terms(
+    device: torch.device, mean: tuple[float, ...], std: tuple[float, ...]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x/255 - mean)/std == x * scale + shift: ``scale = 1/(255 std)``, ``shift = -mean/std``.
+
+    Cached per device and statistics so that the training step does not copy them to the
+    device at every call.
+    """
+    mean_t = torch.tensor(mean, dtype=torch.float32, device=device)
+    std_t = torch.tensor(std, dtype=torch.float32, device=device)
+    return 1.0 / (255.0 * std_t), -mean_t / std_t
 
 
 def normalize_images(
@@ -25,12 +40,9 @@ def normalize_images(
             f"expected uint8 images of shape N x H x W x 3, got {images_nhwc.dtype} "
             f"{tuple(images_nhwc.shape)}"
         )
-    device = images_nhwc.device
-    # x/255 - mean)/std == x * scale + shift, with scale = 1/(255 std), shift = -mean/std.
-    mean_t = torch.as_tensor(mean, dtype=torch.float32, device=device)
-    std_t = torch.as_tensor(std, dtype=torch.float32, device=device)
-    scale = 1.0 / (255.0 * std_t)
-    shift = -mean_t / std_t
+    scale, shift = _affine_terms(
+        images_nhwc.device, tuple(float(m) for m in mean), tuple(float(s) for s in std)
+    )
     nchw = images_nhwc.permute(0, 3, 1, 2)
     return torch.addcmul(shift.view(1, 3, 1, 1), nchw.float(), scale.view(1, 3, 1, 1)).contiguous(
         memory_format=torch.channels_last
