@@ -72,8 +72,7 @@ class _PixelLoss(nn.Module):
     and maximum label are copied to pinned host memory without blocking and inspected at a
     later call, once the copy's CUDA event has completed: the ``DatasetError`` then comes one
     or two steps late but with no sync, and meanwhile out-of-range labels are clamped so that
-    no device-side assert can fire. ``OhemCELoss`` already syncs once per call (see there) and
-    checks on that same transfer, immediately.
+    no device-side assert can fire.
     """
 
     def __init__(self, ignore_index: int = 255, num_classes: int | None = None) -> None:
@@ -122,28 +121,22 @@ class _PixelLoss(nn.Module):
                 f"{name}: logits have {c} channels but num_classes is {self.num_classes}"
             )
 
-    def _prepare_labels(
-        self, labels: Tensor, num_classes: int, *, range_checked_later: bool = False
-    ) -> tuple[Tensor, Tensor, Tensor]:
-        """Labels made safe to index with, their valid mask, and their (min, max).
+    def _prepare_labels(self, labels: Tensor, num_classes: int) -> tuple[Tensor, Tensor]:
+        """Labels made safe to index with, and their valid mask, after the range check.
 
-        Returns ``(safe int64 N x 1 x H x W, valid bool N x H x W, label_range int64 (2,))``:
-        ignored pixels get label 0 in ``safe``. The range of ``safe`` is checked here unless
-        ``range_checked_later`` (the caller then passes ``label_range`` to
-        ``_raise_if_out_of_range`` itself), immediately on CPU and deferred on CUDA; on CUDA
-        ``safe`` is clamped into ``[0, C)`` so that no device-side assert can fire meanwhile.
+        Returns ``(safe int64 N x 1 x H x W, valid bool N x H x W)``: ignored pixels get label 0
+        in ``safe``. The range check is immediate on CPU and deferred on CUDA, where ``safe`` is
+        clamped into ``[0, C)`` so that no device-side assert can fire meanwhile.
         """
         valid = labels != self.ignore_index
         safe = torch.where(valid, labels, 0)
         label_range = torch.stack(torch.aminmax(safe))
-        on_cpu = safe.device.type == "cpu"
-        if on_cpu and not range_checked_later:
+        if safe.device.type == "cpu":
             self._raise_if_out_of_range(*label_range.tolist(), num_classes)
-        elif not range_checked_later:
+        else:
             self._check_label_range_later(label_range, num_classes)
-        if not on_cpu:
             safe = safe.clamp(0, num_classes - 1)
-        return safe.unsqueeze(1), valid, label_range
+        return safe.unsqueeze(1), valid
 
     def _raise_if_out_of_range(self, low: int, high: int, num_classes: int) -> None:
         if low < 0 or high >= num_classes:
@@ -207,7 +200,7 @@ class CrossEntropyLoss(_PixelLoss):
 
     def _compute(self, logits: Tensor, labels: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
         num_classes = logits.shape[1]
-        safe, valid, _ = self._prepare_labels(labels, num_classes)
+        safe, valid = self._prepare_labels(labels, num_classes)
         pixel_weight = valid.float()
         if self.class_weights is not None:
             if self.class_weights.numel() != num_classes:
@@ -248,7 +241,7 @@ class FocalLoss(_PixelLoss):
 
     def _compute(self, logits: Tensor, labels: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
         num_classes = logits.shape[1]
-        safe, valid, _ = self._prepare_labels(labels, num_classes)
+        safe, valid = self._prepare_labels(labels, num_classes)
         pixel_weight = valid.float()
         if self.alpha is not None:
             if self.alpha.numel() != num_classes:
@@ -288,13 +281,21 @@ class OhemCELoss(_PixelLoss):
     Our definitions where the reference versions return NaN: a batch with no valid pixel gives
     0 with zero gradients; fewer than 1 / min_kept_ratio valid pixels keep at least one pixel.
 
-    Speed: kept pixels are selected by weights (no boolean-mask copies). The top-n_min path
-    finds the n_min-th largest loss by selection (``kthvalue`` on CPU, unsorted ``topk`` on
-    CUDA), never a full sort, and weights ties at that value so that the result is the exact
-    top-n_min mean. One host-device sync remains per call: n_min depends on the number of
-    valid pixels and the path on the number of hard ones, and selection needs its k on the
-    host. The hard-pixel count, the valid count and the label range come back in one transfer.
+    Kept pixels are selected by weights (no boolean-mask copies), in one of two ways that give
+    the same result (ties at the cut share the remaining weight, so the top-n_min mean is exact):
+
+    - ``selection="host"``: read the hard and valid counts on the host, then take the top-n_min
+      path only when it is needed, finding the n_min-th largest loss by a sampled quickselect
+      (``kthvalue``), never a full sort. Fastest on CPU, where reading a count costs nothing.
+    - ``selection="device"``: no host-device sync. n_min is computed on the device and the
+      n_min-th largest loss is read from a sorted ``topk`` of the largest n_min that the batch
+      shape allows; both paths are evaluated and one is chosen with ``torch.where``. The price
+      is one ``topk`` per call even when enough pixels are hard.
+
+    ``"auto"`` (the default) picks ``host`` for CPU tensors and ``device`` otherwise.
     """
+
+    SELECTIONS = ("auto", "host", "device")
 
     def __init__(
         self,
@@ -302,6 +303,7 @@ class OhemCELoss(_PixelLoss):
         ignore_index: int = 255,
         min_kept_ratio: float = 1 / 16,
         num_classes: int | None = None,
+        selection: str = "auto",
     ) -> None:
         super().__init__(ignore_index=ignore_index, num_classes=num_classes)
         if not 0.0 < thresh < 1.0:
@@ -310,8 +312,13 @@ class OhemCELoss(_PixelLoss):
             )
         if not 0.0 < min_kept_ratio <= 1.0:
             raise ConfigError(f"OhemCELoss min_kept_ratio must be in (0, 1], got {min_kept_ratio}")
+        if selection not in self.SELECTIONS:
+            raise ConfigError(
+                f"OhemCELoss selection must be one of {list(self.SELECTIONS)}, got {selection!r}"
+            )
         self.thresh = float(thresh)
         self.min_kept_ratio = float(min_kept_ratio)
+        self.selection = selection
         self.loss_thresh = -math.log(self.thresh)  # per-pixel CE above this is "hard"
 
     def n_min(self, n_valid: int) -> int:
@@ -321,47 +328,64 @@ class OhemCELoss(_PixelLoss):
         return max(math.floor(n_valid * self.min_kept_ratio), 1)
 
     def _compute(self, logits: Tensor, labels: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
-        num_classes = logits.shape[1]
-        # On CUDA the label range rides on this loss's one sync below; CPU checks at once.
-        safe, valid, label_range = self._prepare_labels(
-            labels, num_classes, range_checked_later=logits.device.type != "cpu"
-        )
+        safe, valid = self._prepare_labels(labels, logits.shape[1])
+        selection = self.selection
+        if selection == "auto":
+            selection = "host" if logits.device.type == "cpu" else "device"
+        kept_weights = self._kept_weights_host if selection == "host" else self._kept_weights_device
         stats: dict[str, Tensor] = {}
 
         def term(log_p: Tensor) -> tuple[Tensor, Tensor]:
             # log p_t <= 0, so ignored pixels (set to +1 here) get loss -1 and are never kept.
             pixel_loss = torch.where(valid, log_p, 1.0).neg_()
-            hard = pixel_loss > self.loss_thresh
-            n_hard_t = torch.count_nonzero(hard)
-            n_valid_t = torch.count_nonzero(valid)
-            # The one sync: counts and label range in one device-to-host transfer.
-            n_hard, n_valid, low, high = torch.cat(
-                [torch.stack([n_hard_t, n_valid_t]), label_range]
-            ).tolist()
-            self._raise_if_out_of_range(low, high, num_classes)
-            n_min = self.n_min(n_valid)
-            n_kept = n_hard if n_hard >= n_min else n_min
+            n_valid = torch.count_nonzero(valid)
+            weights, n_kept = kept_weights(pixel_loss, n_valid)
             # coeff = dLoss/dlog p_t: -1/n_kept on kept pixels, 0 elsewhere; loss = -coeff . log p_t
-            scale = -1.0 / max(n_kept, 1)
-            if n_hard >= n_min:
-                coeff = torch.where(hard, scale, 0.0)
-            else:
-                coeff = top_k_weights(pixel_loss, n_min, scale=scale)
-            stats["kept_fraction"] = torch.full_like(n_valid_t, n_kept) / max(n_valid, 1)
+            coeff = weights * (-1.0 / n_kept.clamp_min(1))
+            stats["kept_fraction"] = n_kept / n_valid.clamp_min(1)
             return -torch.dot(pixel_loss.view(-1), coeff.view(-1)), coeff
 
-        loss = _LabelLogProbLoss.apply(logits, safe, term)
-        return loss, stats
+        return _LabelLogProbLoss.apply(logits, safe, term), stats
+
+    def _kept_weights_host(self, pixel_loss: Tensor, n_valid_t: Tensor) -> tuple[Tensor, Tensor]:
+        """Kept-pixel weights (0 or 1, ties shared; shaped like pixel_loss) and their count."""
+        hard = pixel_loss > self.loss_thresh
+        n_hard_t = torch.count_nonzero(hard)
+        n_hard, n_valid = torch.stack([n_hard_t, n_valid_t]).tolist()
+        n_min = self.n_min(n_valid)
+        if n_hard >= n_min:
+            return hard.float(), n_hard_t
+        return top_k_weights(pixel_loss, n_min), torch.full_like(n_hard_t, n_min)
+
+    def _kept_weights_device(self, pixel_loss: Tensor, n_valid_t: Tensor) -> tuple[Tensor, Tensor]:
+        """As ``_kept_weights_host``, with every count kept on the device (no sync)."""
+        flat = pixel_loss.view(-1)
+        hard = flat > self.loss_thresh
+        n_hard = torch.count_nonzero(hard)
+        # n_min on the device, in float64 like n_min() so that the floor agrees exactly.
+        n_min = torch.floor(n_valid_t.double() * self.min_kept_ratio).long().clamp_min(1)
+        n_min = torch.where(n_valid_t > 0, n_min, 0)
+        # The largest n_min the shape allows bounds the data's n_min: one static-size topk.
+        top = flat.topk(self.n_min(flat.numel()), sorted=True).values
+        cut = top.index_select(0, (n_min - 1).clamp_min(0).view(1))  # the n_min-th largest
+        above = flat > cut
+        tied = flat == cut
+        # Ties at the cut share what is left of n_min; without ties that share is exactly 1.
+        share = (n_min - torch.count_nonzero(above)) / torch.count_nonzero(tied).clamp_min(1)
+        top_weights = above.float() + tied * share
+        use_hard = n_hard >= n_min
+        weights = torch.where(use_hard, hard.float(), top_weights)
+        return weights.view_as(pixel_loss), torch.where(use_hard, n_hard, n_min)
 
 
-# Top-k selection on CPU: the k-th largest of a sample of this many entries bounds the
+# Top-k selection on the host path: the k-th largest of a sample of this many entries bounds the
 # k-th largest of the whole from below, so that one quickselect runs on a candidate set
 # of about 1.3 k entries instead of on every pixel (kthvalue on 2M floats costs about as
 # much as a tenth of a cross-entropy step).
 _SAMPLE_SIZE = 65536
 
 
-def _kth_largest_cpu(flat: Tensor, k: int) -> tuple[float, Tensor]:
+def _kth_largest(flat: Tensor, k: int) -> tuple[float, Tensor]:
     """The k-th largest entry v of a 1-D tensor and a tensor holding every entry >= v.
 
     Returns ``(v, candidates)``. Exact: the candidates are all entries >= a threshold t with
@@ -382,30 +406,22 @@ def _kth_largest_cpu(flat: Tensor, k: int) -> tuple[float, Tensor]:
     return flat.kthvalue(n - k + 1).values.item(), flat
 
 
-def top_k_weights(values: Tensor, k: int, method: str = "auto", scale: float = 1.0) -> Tensor:
-    """Float weights shaped like ``values``, summing to k * scale, that pick its k largest.
+def top_k_weights(values: Tensor, k: int) -> Tensor:
+    """Float weights shaped like ``values``, summing to k, that pick its k largest entries.
 
-    ``method="select"`` (CPU): entries above the k-th largest value v weigh scale, entries
-    equal to v share the rest, so that sum(w * values) is exactly scale x the sum of the k
-    largest even with ties. ``method="topk"`` (CUDA): an unsorted ``topk`` marks k entries (ties
-    broken arbitrarily, the sum is the same). ``"auto"`` picks by device. Neither sorts all.
+    Entries above the k-th largest value v weigh 1 and entries equal to v share the rest, so
+    that sum(w * values) is exactly the sum of the k largest even with ties. The k-th largest is
+    found by a sampled quickselect (``kthvalue``), never a full sort; reads v on the host.
     """
     flat = values.reshape(-1)
     if not 1 <= k <= flat.numel():
         raise ValueError(f"k must be in [1, {flat.numel()}], got {k}")
-    if method == "auto":
-        method = "select" if flat.device.type == "cpu" else "topk"
-    if method == "topk":
-        chosen = flat.topk(k, sorted=False).indices
-        return torch.zeros_like(flat).index_fill_(0, chosen, scale).view_as(values)
-    if method != "select":
-        raise ValueError(f"unknown selection method {method!r}; use 'select' or 'topk'")
-    v, candidates = _kth_largest_cpu(flat, k)
+    v, candidates = _kth_largest(flat, k)
     n_above = int(torch.count_nonzero(candidates > v))
     n_tied = int(torch.count_nonzero(candidates == v))
     if n_above + n_tied == k:  # no tie across the cut (the usual case)
-        return torch.where(values >= v, scale, 0.0)
-    return torch.where(values > v, scale, (values == v) * (scale * (k - n_above) / n_tied))
+        return (values >= v).float()
+    return torch.where(values > v, 1.0, (values == v) * ((k - n_above) / n_tied))
 
 
 @dataclass

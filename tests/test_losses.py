@@ -60,12 +60,18 @@ def reference_ohem(logits: torch.Tensor, labels: torch.Tensor, thresh: float = 0
     return torch.stack(hard).mean(), len(hard)
 
 
+# Both ways of selecting the kept pixels (host counts vs sync-free on the device) must meet
+# the same definition; every OHEM test below runs with each.
+SELECTIONS = ["host", "device"]
+
+
+@pytest.mark.parametrize("selection", SELECTIONS)
 @pytest.mark.parametrize("regime", ["random", "confident"])
-def test_ohem_matches_reference_value_and_gradient(regime: str) -> None:
+def test_ohem_matches_reference_value_and_gradient(regime: str, selection: str) -> None:
     logits, labels = make_batch(regime)
     n_valid = int((labels != IGNORE).sum())
     x = logits.clone().requires_grad_()
-    loss, stats = OhemCELoss().forward_with_stats(x, labels)
+    loss, stats = OhemCELoss(selection=selection).forward_with_stats(x, labels)
     x_ref = logits.clone().requires_grad_()
     ref, n_kept = reference_ohem(x_ref, labels)
 
@@ -81,23 +87,26 @@ def test_ohem_matches_reference_value_and_gradient(regime: str) -> None:
     torch.testing.assert_close(x.grad, x_ref.grad.float(), atol=1e-7, rtol=1e-5)
 
 
-def test_ohem_thresh_changes_the_kept_set() -> None:
+@pytest.mark.parametrize("selection", SELECTIONS)
+def test_ohem_thresh_changes_the_kept_set(selection: str) -> None:
     logits, labels = make_batch("random", seed=3)
     for thresh in (0.05, 0.3, 0.9):
         ref, n_kept = reference_ohem(logits, labels, thresh=thresh)
-        loss, stats = OhemCELoss(thresh=thresh).forward_with_stats(logits, labels)
+        ohem = OhemCELoss(thresh=thresh, selection=selection)
+        loss, stats = ohem.forward_with_stats(logits, labels)
         assert abs(loss.item() - ref.item()) < 1e-6
         assert stats["kept_fraction"].item() == pytest.approx(n_kept / int((labels != 255).sum()))
 
 
-def test_ohem_ties_at_the_cut_give_exact_top_k_mean_and_split_gradient() -> None:
+@pytest.mark.parametrize("selection", SELECTIONS)
+def test_ohem_ties_at_the_cut_give_exact_top_k_mean_and_split_gradient(selection: str) -> None:
     # Every pixel has the same confident logits: all losses tie, none is hard.
     n, h, w = 1, 8, 8
     column = torch.zeros(C)
     column[3] = 6.0
     logits = column.view(1, C, 1, 1).expand(n, C, h, w).clone().requires_grad_()
     labels = torch.full((n, h, w), 3)
-    loss, stats = OhemCELoss().forward_with_stats(logits, labels)
+    loss, stats = OhemCELoss(selection=selection).forward_with_stats(logits, labels)
     pixel_loss = torch.logsumexp(column.double(), 0) - 6.0
     assert abs(loss.item() - pixel_loss.item()) < 1e-6
     assert stats["kept_fraction"].item() == pytest.approx(1 / 16)
@@ -111,9 +120,8 @@ def test_ohem_ties_at_the_cut_give_exact_top_k_mean_and_split_gradient() -> None
     torch.testing.assert_close(logits.grad[0, :, 0, 0].double(), expected, atol=1e-8, rtol=1e-5)
 
 
-@pytest.mark.parametrize("method", ["select", "topk"])
 @pytest.mark.parametrize("case", ["small", "large", "biased_sample", "ties"])
-def test_top_k_weights_pick_the_k_largest(method: str, case: str) -> None:
+def test_top_k_weights_pick_the_k_largest(case: str) -> None:
     gen = torch.Generator().manual_seed(1)
     if case == "small":
         values, k = torch.rand(1000, generator=gen), 37
@@ -128,7 +136,7 @@ def test_top_k_weights_pick_the_k_largest(method: str, case: str) -> None:
     else:
         values = torch.tensor([5.0, 3.0, 3.0, 3.0, 1.0, 3.0, 0.5])
         k = 3
-    weights = top_k_weights(values, k, method=method)
+    weights = top_k_weights(values, k)
     expected = values.double().sort(descending=True).values[:k].sum()
     assert weights.shape == values.shape
     assert weights.sum().item() == pytest.approx(k)
@@ -136,15 +144,15 @@ def test_top_k_weights_pick_the_k_largest(method: str, case: str) -> None:
     assert (weights * values).double().sum().item() == pytest.approx(expected.item(), rel=1e-9)
 
 
-def test_top_k_weights_rejects_bad_k_and_method() -> None:
+def test_top_k_weights_rejects_bad_k() -> None:
     with pytest.raises(ValueError, match="k must be"):
         top_k_weights(torch.rand(5), 6)
-    with pytest.raises(ValueError, match="unknown selection method"):
-        top_k_weights(torch.rand(5), 2, method="sort")
 
 
 @pytest.mark.parametrize(
-    "loss_fn", [OhemCELoss(), CrossEntropyLoss(), FocalLoss()], ids=["ohem", "ce", "focal"]
+    "loss_fn",
+    [OhemCELoss(selection="host"), OhemCELoss(selection="device"), CrossEntropyLoss(), FocalLoss()],
+    ids=["ohem-host", "ohem-device", "ce", "focal"],
 )
 def test_all_ignored_batch_gives_zero_loss_and_zero_gradients(loss_fn) -> None:
     logits = torch.randn(2, C, 8, 8, requires_grad=True)
@@ -158,7 +166,8 @@ def test_all_ignored_batch_gives_zero_loss_and_zero_gradients(loss_fn) -> None:
         assert value.item() == 0.0
 
 
-def test_fewer_than_16_valid_pixels() -> None:
+@pytest.mark.parametrize("selection", SELECTIONS)
+def test_fewer_than_16_valid_pixels(selection: str) -> None:
     labels = torch.full((1, 4, 4), IGNORE)
     labels[0, 0, :3] = torch.tensor([1, 2, 3])
     labels[0, 1, :2] = torch.tensor([4, 5])
@@ -170,14 +179,14 @@ def test_fewer_than_16_valid_pixels() -> None:
     # set (NaN). We keep at least one pixel: the loss is the largest per-pixel loss.
     losses = reference_pixel_ce(logits, labels)
     assert all(loss.item() < -math.log(0.7) for loss in losses)
-    loss, stats = OhemCELoss().forward_with_stats(logits, labels)
+    loss, stats = OhemCELoss(selection=selection).forward_with_stats(logits, labels)
     assert abs(loss.item() - max(v.item() for v in losses)) < 1e-6
     assert stats["kept_fraction"].item() == pytest.approx(1 / 5)
     # With hard pixels among them, the mean of the hard ones, as in the reference.
     logits[0, :, 0, 0] = torch.randn(C)
     logits[0, 1, 0, 0] = -5.0
     ref, n_kept = reference_ohem(logits, labels)
-    loss, stats = OhemCELoss().forward_with_stats(logits, labels)
+    loss, stats = OhemCELoss(selection=selection).forward_with_stats(logits, labels)
     assert n_kept >= 1 and abs(loss.item() - ref.item()) < 1e-6
     assert stats["kept_fraction"].item() == pytest.approx(n_kept / 5)
 
@@ -188,9 +197,31 @@ def test_ohem_rejects_thresh_outside_open_unit_interval(thresh: float) -> None:
         OhemCELoss(thresh=thresh)
 
 
-def test_ohem_rejects_bad_min_kept_ratio() -> None:
+def test_ohem_rejects_bad_min_kept_ratio_and_selection() -> None:
     with pytest.raises(ConfigError, match="min_kept_ratio"):
         OhemCELoss(min_kept_ratio=0.0)
+    with pytest.raises(ConfigError, match="selection must be one of"):
+        OhemCELoss(selection="sort")
+
+
+@pytest.mark.parametrize("regime", ["random", "confident"])
+@pytest.mark.parametrize("shape", [(2, 64, 96), (1, 7, 9)])
+def test_ohem_selections_agree_on_larger_batches(regime: str, shape: tuple[int, int, int]) -> None:
+    """Host and device selection: same loss, kept fraction and gradient, at sizes where
+    n_min and the ignored pixels make the static topk bound differ from n_min."""
+    n, h, w = shape
+    logits, labels = make_batch(regime, n=n, h=h, w=w, seed=5)
+    labels[:, -1, :] = IGNORE  # a whole ignored row: n_min < the shape's bound
+    results = []
+    for selection in SELECTIONS:
+        x = logits.clone().requires_grad_()
+        loss, stats = OhemCELoss(selection=selection).forward_with_stats(x, labels)
+        loss.backward()
+        results.append((loss, stats["kept_fraction"], x.grad))
+    (loss_h, kept_h, grad_h), (loss_d, kept_d, grad_d) = results
+    torch.testing.assert_close(loss_d, loss_h, atol=1e-6, rtol=1e-6)
+    assert kept_d.item() == kept_h.item()
+    torch.testing.assert_close(grad_d, grad_h, atol=1e-8, rtol=1e-5)
 
 
 @pytest.mark.parametrize(
@@ -350,13 +381,28 @@ def test_cuda_losses_match_cpu(regime: str) -> None:
 def test_cuda_bad_label_is_reported_without_device_assert() -> None:
     logits, labels = make_batch("random")
     labels[0, 2, 2] = 40
-    loss_fn = CrossEntropyLoss()
-    with pytest.raises(DatasetError, match="label value 40"):
-        for _ in range(3):  # the check is deferred: it reports at a later call
-            loss_fn(logits.cuda(), labels.cuda())
-            torch.cuda.synchronize()
-    with pytest.raises(DatasetError, match="label value 40"):
-        OhemCELoss()(logits.cuda(), labels.cuda())  # checked on its one sync, at once
+    for loss_fn in (CrossEntropyLoss(), OhemCELoss()):
+        with pytest.raises(DatasetError, match="label value 40"):
+            for _ in range(3):  # the check is deferred: it reports at a later call
+                loss_fn(logits.cuda(), labels.cuda())
+                torch.cuda.synchronize()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("make_loss", [OhemCELoss, CrossEntropyLoss, FocalLoss])
+def test_cuda_losses_make_no_host_device_sync(make_loss) -> None:
+    logits, labels = make_batch("confident", n=2, h=64, w=96)
+    x, y = logits.cuda().requires_grad_(), labels.cuda()
+    loss_fn = make_loss()
+    loss_fn(x, y).backward()  # warm-up: first-call allocations are not what is checked
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        loss = loss_fn(x, y)
+        loss.backward()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert torch.isfinite(loss).item()
 
 
 @pytest.mark.parametrize(

@@ -16,7 +16,7 @@ def test_loss_benchmark_quick_section() -> None:
     assert names == {
         (regime, loss)
         for regime in ("random", "confident")
-        for loss in ("ce", "ohem", "focal", "torch_ce")
+        for loss in ("ce", "ohem", "ohem[device]", "focal", "torch_ce")
     }
     for record in section.records:
         assert record["median_ms"] > 0 and len(record["seconds"]) == 1

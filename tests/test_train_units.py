@@ -222,6 +222,29 @@ def test_nonfinite_step_changes_nothing_on_cuda(impl: str, amp_mode: str) -> Non
     _check_nonfinite_step_changes_nothing(impl, amp_mode, "cuda")
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("loss_kind", ["ohem", "ce"])
+@pytest.mark.parametrize("amp_mode", ["fp16", "bf16"])
+def test_cuda_train_step_makes_no_host_device_sync(loss_kind: str, amp_mode: str) -> None:
+    """The whole tuned step (BiSeNetV2, five heads, GradScaler, fused SGD) never waits."""
+    from seg.bench.train_step import Variant, build_step, make_batch
+    from seg.models.bisenetv2 import BiSeNetV2
+
+    step = build_step(
+        Variant("t", loss=loss_kind, amp=amp_mode), "cuda", BiSeNetV2(19).state_dict()
+    )
+    batch = make_batch((2, 128, 256), "cuda")
+    for _ in range(2):  # warm-up: cuDNN autotuning and first allocations are not checked
+        step(batch)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        out = step(batch)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert not bool(out.skipped)
+
+
 def test_running_stats_skip_bad_steps_and_track_streaks() -> None:
     stats = RunningStats(torch.device("cpu"))
 

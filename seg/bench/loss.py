@@ -6,7 +6,9 @@ Two regimes, each timed side by side (interleaved) in one run:
 - ``confident``: logits that favour the label strongly on all but a few pixels, so fewer than
   n_min pixels are hard and OHEM takes its top-n_min path.
 Ratios divide by our ``CrossEntropyLoss`` (what ``loss=ce`` trains with); ``torch_ce``
-(``F.cross_entropy``) is shown for reference.
+(``F.cross_entropy``) is shown for reference. ``ohem`` selects its pixels the way the trainer
+does on this device (``selection="auto"``: host counts on CPU, sync-free on CUDA); the row
+``ohem[device]`` (CPU) or ``ohem[host]`` (CUDA) times the other way, side by side.
 """
 
 from __future__ import annotations
@@ -68,9 +70,11 @@ def run(options: BenchOptions) -> Section:
     records = []
     for regime in ("random", "confident"):
         logits, labels = make_batch(regime, shape, options.device)
+        other = "device" if torch.device(options.device).type == "cpu" else "host"
         losses = {
             "ce": CrossEntropyLoss(),
             "ohem": OhemCELoss(),
+            f"ohem[{other}]": OhemCELoss(selection=other),
             "focal": FocalLoss(),
             "torch_ce": _torch_ce,
         }

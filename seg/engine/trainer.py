@@ -1,7 +1,7 @@
 """The iteration-based training loop.
 
 One step (:class:`TrainStep`) moves a uint8 batch to the device, normalises it there
-(channels_last on CUDA), runs the model and the multi-head loss under autocast,
+(channels_last by default), runs the model and the multi-head loss under autocast,
 back-propagates through the GradScaler (a pass-through unless fp16 on CUDA), steps SGD
 and the LR schedule. It does not wait for the device: values are read back only at the
 log interval.
