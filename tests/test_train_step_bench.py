@@ -24,3 +24,15 @@ def test_train_step_section_quick_cpu() -> None:
     assert all(r["extra"]["images_per_s"] > 0 for r in section.records)
     assert "ohem x5" in section.markdown and "images/s" in section.markdown
     assert any("peak memory" in note for note in section.skipped)
+    assert any("cuDNN benchmark variant" in note for note in section.skipped)
+    assert not any(r["extra"]["cudnn_benchmark"] for r in section.records)
+
+
+@pytest.mark.gpu
+def test_train_step_section_quick_cuda() -> None:
+    section = run(BenchOptions(device="cuda", repeats=1, warmup=1, quick=True))
+    by_name = {r["name"]: r["extra"] for r in section.records}
+    assert by_name["tuned (trainer)"]["cudnn_benchmark"] is True
+    assert by_name["tuned, cuDNN benchmark off"]["cudnn_benchmark"] is False
+    assert by_name["plain eager fp32 NCHW"]["precision"] == "fp32"
+    assert all(extra["peak_memory_mib"] > 0 for extra in by_name.values())

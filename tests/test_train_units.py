@@ -19,7 +19,13 @@ from torch import nn
 from seg.engine.amp import build_grad_scaler, resolve_amp
 from seg.engine.optim import build_sgd, is_fused, split_decay_params
 from seg.engine.schedule import WarmupPolyLR
-from seg.engine.train_run import find_auto_resume, per_rank_batch, resolve_resume
+from seg.engine.train_run import (
+    find_auto_resume,
+    per_rank_batch,
+    resolve_resume,
+    use_channels_last,
+    use_cudnn_benchmark,
+)
 from seg.engine.trainer import (
     RunningStats,
     StepOutput,
@@ -157,6 +163,19 @@ def test_amp_resolution() -> None:
     assert not build_grad_scaler(cpu16).is_enabled()
     with pytest.raises(ConfigError, match=r"trainer\.amp"):
         resolve_amp("fp8", "cpu")
+
+
+def test_device_tuning_switches() -> None:
+    cpu, cuda = torch.device("cpu"), torch.device("cuda", 0)
+    assert use_channels_last("auto", cpu) and use_channels_last("auto", cuda)
+    assert not use_channels_last(False, cuda)
+    assert use_cudnn_benchmark("auto", cuda) and not use_cudnn_benchmark("auto", cpu)
+    assert not use_cudnn_benchmark(True, cpu)  # no cuDNN on CPU, whatever is asked
+    assert not use_cudnn_benchmark(False, cuda)
+    with pytest.raises(ConfigError, match=r"trainer\.cudnn_benchmark"):
+        use_cudnn_benchmark("yes", cuda)
+    with pytest.raises(ConfigError, match=r"trainer\.channels_last"):
+        use_channels_last("on", cpu)
 
 
 # ------------------------------------------------------------------------ skipping step

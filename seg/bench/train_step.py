@@ -6,8 +6,9 @@ timed side by side (interleaved) in one run:
 
 - ``loss``: OHEM on all five heads vs cross-entropy on all five, both with the settings
   ``tools/train.py`` uses on the device (channels_last, fp16 AMP on CUDA, fused SGD);
-- ``tuning``: a plain eager step (float32, NCHW, for-loop SGD, no skip guard) vs that
-  tuned step, and on CUDA (full runs only) the tuned step under ``torch.compile``;
+- ``tuning``: a plain eager step (float32, NCHW, for-loop SGD, no skip guard, cuDNN's
+  heuristic algorithms) vs that tuned step; on CUDA also the tuned step without cuDNN
+  benchmark mode and (full runs only) the tuned step under ``torch.compile``;
 - ``cpu layout/precision`` (CPU full runs only): float32 NCHW vs float32 channels_last (the
   trainer's CPU default) vs bf16 autocast, the figures behind ``trainer.channels_last: auto``
   and ``trainer.amp=bf16`` on CPUs.
@@ -30,7 +31,7 @@ from seg.bench.timing import BenchOptions, Section, markdown_table, synchronize,
 from seg.engine.amp import build_grad_scaler, resolve_amp
 from seg.engine.optim import build_sgd
 from seg.engine.schedule import WarmupPolyLR
-from seg.engine.train_run import use_channels_last
+from seg.engine.train_run import use_channels_last, use_cudnn_benchmark
 from seg.engine.trainer import TrainStep
 from seg.losses import CrossEntropyLoss, MultiHeadLoss, OhemCELoss
 from seg.models.bisenetv2 import BiSeNetV2
@@ -54,6 +55,15 @@ class Variant:
     compile: bool = False
     amp: str | None = None  # override the tuned step's precision ("off" | "fp16" | "bf16")
     channels_last: bool | None = None  # override the tuned step's memory format
+    cudnn_benchmark: bool | None = None  # override the tuned step's cuDNN benchmark mode
+
+    def uses_cudnn_benchmark(self, device: str) -> bool:
+        """Whether ``torch.backends.cudnn.benchmark`` is on while this variant runs."""
+        if not self.tuned:
+            return False
+        if self.cudnn_benchmark is not None:
+            return self.cudnn_benchmark
+        return use_cudnn_benchmark("auto", torch.device(device))
 
 
 def make_batch(size: tuple[int, int, int], device: str, seed: int = 0) -> dict[str, torch.Tensor]:
@@ -121,6 +131,19 @@ def peak_memory_mib(fn: Callable[[], object], device: str) -> float | None:
     return torch.cuda.max_memory_allocated(device) / 2**20
 
 
+def _with_cudnn_benchmark(
+    step: TrainStep, batch: dict[str, torch.Tensor], flag: bool
+) -> Callable[[], object]:
+    """``step(batch)`` with cuDNN benchmark mode set as the variant wants (a global switch,
+    so it is set before every call of the interleaved timing)."""
+
+    def run_once() -> object:
+        torch.backends.cudnn.benchmark = flag
+        return step(batch)
+
+    return run_once
+
+
 def _compare(
     group: str,
     variants: list[Variant],
@@ -132,13 +155,21 @@ def _compare(
 ) -> tuple[list[list[Any]], list[dict[str, Any]]]:
     batch = make_batch(size, options.device)
     steps = {v.name: build_step(v, options.device, state) for v in variants}
-    fns = {name: (lambda step=step: step(batch)) for name, step in steps.items()}
-    timings = time_side_by_side(fns, repeats=repeats, warmup=warmup, device=options.device)
+    fns = {
+        v.name: _with_cudnn_benchmark(steps[v.name], batch, v.uses_cudnn_benchmark(options.device))
+        for v in variants
+    }
+    saved_flag = torch.backends.cudnn.benchmark
+    try:
+        timings = time_side_by_side(fns, repeats=repeats, warmup=warmup, device=options.device)
+        memories = {name: peak_memory_mib(fn, options.device) for name, fn in fns.items()}
+    finally:
+        torch.backends.cudnn.benchmark = saved_flag
     baseline = timings[variants[0].name]
     rows, records = [], []
     for variant in variants:
         timing = timings[variant.name]
-        memory = peak_memory_mib(fns[variant.name], options.device)
+        memory = memories[variant.name]
         images_per_s = size[0] / timing.median_s
         speedup = baseline.median_s / timing.median_s
         amp_name = steps[variant.name].amp.name
@@ -161,6 +192,7 @@ def _compare(
             "device": options.device,
             "precision": amp_name,
             "channels_last": steps[variant.name].channels_last,
+            "cudnn_benchmark": variant.uses_cudnn_benchmark(options.device),
             "images_per_s": images_per_s,
             f"speed_vs_{variants[0].name}": speedup,
             "peak_memory_mib": memory,
@@ -191,6 +223,10 @@ def run(options: BenchOptions) -> Section:
         state,
     )
     tuning = [Variant("plain eager fp32 NCHW", tuned=False), Variant("tuned (trainer)")]
+    if on_cuda:
+        tuning.append(Variant("tuned, cuDNN benchmark off", cudnn_benchmark=False))
+    else:
+        skipped.append("cuDNN benchmark variant: CUDA only")
     if on_cuda and not options.quick:
         tuning.append(Variant("tuned + torch.compile", compile=True))
     else:

@@ -324,6 +324,9 @@ def run_eval(tool_cfg: DictConfig, overrides: Mapping[str, Any]) -> dict[str, An
     started_dist = not dist.is_distributed() and dist.init_distributed()
     try:
         device = dist.resolve_device(str(tool_cfg.get("device", "auto")))
+        # Evaluation images share one size per dataset (or one per scale / window), so cuDNN's
+        # per-shape algorithm timing pays back, as in training.
+        torch.backends.cudnn.benchmark = device.type == "cuda"
         model = build_model(cfg, checkpoint["model"], ckpt_path).to(device)
         dataset = build(cfg.dataset.val, "dataset")
         check_num_classes(cfg, dataset, ckpt_path)

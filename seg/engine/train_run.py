@@ -145,6 +145,20 @@ def use_channels_last(setting: Any, device: torch.device) -> bool:
     raise ConfigError(f"trainer.channels_last must be auto, true or false, got {setting!r}")
 
 
+def use_cudnn_benchmark(setting: Any, device: torch.device) -> bool:
+    """``trainer.cudnn_benchmark``: let cuDNN time its convolution algorithms per shape.
+
+    ``auto`` is on for CUDA: training crops have one fixed size, so the one-off timing at the
+    first step of each shape pays back on every later step. Off gives cuDNN's heuristic
+    choice, which is also the same from run to run. Meaningless on CPU (always False there).
+    """
+    if str(setting) == "auto":
+        return device.type == "cuda"
+    if isinstance(setting, bool):
+        return setting and device.type == "cuda"
+    raise ConfigError(f"trainer.cudnn_benchmark must be auto, true or false, got {setting!r}")
+
+
 def hyper_parameters(cfg: DictConfig, world_size: int, amp_name: str) -> dict[str, Any]:
     """The flat summary shown in TensorBoard's HPARAMS tab."""
 
@@ -259,6 +273,9 @@ def _train(
 
     train_set, val_set = datasets
     channels_last = use_channels_last(trainer_cfg.get("channels_last", "auto"), device)
+    torch.backends.cudnn.benchmark = use_cudnn_benchmark(
+        trainer_cfg.get("cudnn_benchmark", "auto"), device
+    )
     model = prepare_model(build(cfg.model, "model"), device, channels_last)
     optimizer = build(cfg.optim, "optimizer", model=model)
     scheduler = build(cfg.schedule, "LR schedule", optimizer=optimizer)
