@@ -3,8 +3,11 @@
 Latency is measured in eval mode at batch 1 (the deployment case: auxiliary heads not
 built), for each input size, with the variants side by side (interleaved, see
 ``seg.bench.timing``): fp32 NCHW, fp32 channels_last, ``torch.compile`` (channels_last),
-and autocast bf16 / fp16. On CPU, fp16 autocast is skipped (CUDA only) and bf16 is measured
-when the CPU kernels accept it.
+and autocast bf16 / fp16. On CUDA (full runs) fp16 is also compiled, once with the default
+mode and once with ``mode="reduce-overhead"`` (CUDA graphs: at batch 1 the launch overhead
+of a few hundred small kernels is a large share of the time), and cuDNN benchmark mode is
+on, as for a fixed-size deployment. On CPU, fp16 autocast is skipped (CUDA only) and bf16 is
+measured when the CPU kernels accept it. A variant that fails to run is reported as skipped.
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ class Variant:
     channels_last: bool = False
     autocast_dtype: torch.dtype | None = None
     compiled: bool = False
+    compile_mode: str | None = None  # torch.compile mode; None: the default
 
 
 def _variants(device: torch.device, quick: bool) -> tuple[list[Variant], list[str]]:
@@ -50,9 +54,21 @@ def _variants(device: torch.device, quick: bool) -> tuple[list[Variant], list[st
         Variant("bf16 autocast channels_last", channels_last=True, autocast_dtype=torch.bfloat16)
     )
     if device.type == "cuda":
+        fp16 = torch.float16
         variants.append(
-            Variant("fp16 autocast channels_last", channels_last=True, autocast_dtype=torch.float16)
+            Variant("fp16 autocast channels_last", channels_last=True, autocast_dtype=fp16)
         )
+        if not quick:
+            variants += [
+                Variant("fp16 channels_last compiled", True, fp16, compiled=True),
+                Variant(
+                    "fp16 channels_last compiled, CUDA graphs",
+                    True,
+                    fp16,
+                    compiled=True,
+                    compile_mode="reduce-overhead",
+                ),
+            ]
     else:
         skipped.append("fp16 autocast: CUDA only (no fp16 autocast speed-up on CPU)")
     return variants, skipped
@@ -69,7 +85,7 @@ def _build_runner(
     memory_format = torch.channels_last if variant.channels_last else torch.contiguous_format
     net = models[variant.channels_last]
     if variant.compiled:
-        net = torch.compile(net, dynamic=False)
+        net = torch.compile(net, dynamic=False, mode=variant.compile_mode)
     inputs = images.contiguous(memory_format=memory_format)
 
     def run() -> torch.Tensor:
@@ -120,6 +136,36 @@ def run(options: BenchOptions) -> Section:
     warmup = min(options.warmup, 1) if options.quick else options.warmup
 
     torch.manual_seed(0)
+    saved_cudnn_benchmark = torch.backends.cudnn.benchmark
+    torch.backends.cudnn.benchmark = device.type == "cuda"  # fixed input sizes, as deployed
+    try:
+        latency_rows = _time_variants(variants, sizes, device, repeats, warmup, records, skipped)
+    finally:
+        torch.backends.cudnn.benchmark = saved_cudnn_benchmark
+    markdown = "\n\n".join(
+        [
+            markdown_table(["quantity", "measured", "reference"], count_rows),
+            f"Inference, eval mode, batch 1, {NUM_CLASSES} classes, no aux heads, "
+            f"median of {repeats} runs after {warmup} warm-up runs on `{device}`"
+            f"{' (cuDNN benchmark mode on)' if device.type == 'cuda' else ''}:",
+            markdown_table(
+                ["input", "variant", "median ms", "images/s", "speed-up vs fp32 NCHW"], latency_rows
+            ),
+        ]
+    )
+    return Section(title="Model (BiSeNetV2)", markdown=markdown, records=records, skipped=skipped)
+
+
+def _time_variants(
+    variants: list[Variant],
+    sizes: tuple[tuple[int, int], ...],
+    device: torch.device,
+    repeats: int,
+    warmup: int,
+    records: list[dict[str, object]],
+    skipped: list[str],
+) -> list[list[object]]:
+    """Time every variant at every size; appends JSON records and skip notes in place."""
     model = BiSeNetV2(NUM_CLASSES, aux_heads=False).to(device).eval()
     models = {False: model, True: copy.deepcopy(model).to(memory_format=torch.channels_last)}
     latency_rows: list[list[object]] = []
@@ -157,15 +203,4 @@ def run(options: BenchOptions) -> Section:
                 device=str(device),
             )
             records.append(record)
-
-    markdown = "\n\n".join(
-        [
-            markdown_table(["quantity", "measured", "reference"], count_rows),
-            f"Inference, eval mode, batch 1, {NUM_CLASSES} classes, no aux heads, "
-            f"median of {repeats} runs after {warmup} warm-up runs on `{device}`:",
-            markdown_table(
-                ["input", "variant", "median ms", "images/s", "speed-up vs fp32 NCHW"], latency_rows
-            ),
-        ]
-    )
-    return Section(title="Model (BiSeNetV2)", markdown=markdown, records=records, skipped=skipped)
+    return latency_rows
