@@ -21,6 +21,7 @@ with the same ``out``.
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import statistics
@@ -36,6 +37,7 @@ import numpy as np
 
 from seg.engine.checkpoint import load_checkpoint
 from seg.errors import ConfigError, SegError
+from seg.fileio import write_bytes_atomic, write_text_atomic
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 TRAIN_SCRIPT = REPO_ROOT / "tools" / "train.py"
@@ -331,8 +333,17 @@ def plot_curves(results: Sequence[RunResult], losses: Sequence[str], path: Path)
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    _save_figure(fig, path)
+
+
+def _save_figure(fig: Any, path: Path) -> None:
+    """Write a matplotlib figure as PNG atomically, then free it."""
+    import matplotlib.pyplot as plt
+
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=110)
     plt.close(fig)
+    write_bytes_atomic(path, buffer.getvalue())
 
 
 def plot_class_iou(
@@ -356,8 +367,7 @@ def plot_class_iou(
     ax.grid(axis="y", alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save_figure(fig, path)
 
 
 def write_report(
@@ -377,7 +387,7 @@ def write_report(
     plot_curves(results, losses, out_dir / "miou_curves.png")
     plot_class_iou(summaries, class_names, out_dir / "class_iou.png")
     report = out_dir / "report.md"
-    report.write_text(format_report(summaries, results, class_names, rare, command, setup))
+    write_text_atomic(report, format_report(summaries, results, class_names, rare, command, setup))
     payload = {
         "command": command,
         "setup": setup,
@@ -386,7 +396,7 @@ def write_report(
         "runs": [asdict(r) for r in results],
         "verdicts": verdicts(summaries),
     }
-    (out_dir / "report.json").write_text(json.dumps(payload, indent=2, allow_nan=True))
+    write_text_atomic(out_dir / "report.json", json.dumps(payload, indent=2, allow_nan=True))
     return report
 
 

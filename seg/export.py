@@ -34,7 +34,8 @@ import torch
 from torch import nn
 
 from seg.errors import ConfigError, SegError
-from seg.predict import InferenceModel, load_inference_model, write_bytes_atomic
+from seg.fileio import write_bytes_atomic
+from seg.predict import InferenceModel, load_inference_model
 
 #: Lowest opset the torch.export-based exporter writes without a failing down-conversion.
 MIN_OPSET = 18

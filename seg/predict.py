@@ -35,7 +35,8 @@ from seg import dist
 from seg.data.batch import normalize_images
 from seg.engine.checkpoint import load_checkpoint
 from seg.engine.inference import AMP_MODES, INFERENCE_MODES, autocast_context, predict_probs
-from seg.errors import CheckpointError, ConfigError, DatasetError, SegError
+from seg.errors import CheckpointError, ConfigError, DatasetError
+from seg.fileio import write_png
 from seg.models.weights import strip_wrapper_prefixes
 from seg.visualize import colorize, generated_palette, overlay, palette_array
 
@@ -422,9 +423,9 @@ class Predictor:
         self, out: Path, name: str, image: np.ndarray, label: np.ndarray
     ) -> None:
         color = colorize(label, self.lut)
-        _write_png(out / "labels" / f"{name}.png", label)
-        _write_png(out / "colors" / f"{name}.png", color[..., ::-1])
-        _write_png(out / "overlays" / f"{name}.png", overlay(image, color, self.alpha)[..., ::-1])
+        write_png(out / "labels" / f"{name}.png", label)
+        write_png(out / "colors" / f"{name}.png", color[..., ::-1])
+        write_png(out / "overlays" / f"{name}.png", overlay(image, color, self.alpha)[..., ::-1])
 
     def _run_video(self, item: InputFile, out: Path, summary: PredictSummary) -> None:
         capture = cv2.VideoCapture(str(item.path))
@@ -491,31 +492,6 @@ def _frame_batches(capture: cv2.VideoCapture, batch_size: int) -> Iterator[list[
             batch = []
     if batch:
         yield batch
-
-
-def _write_png(path: Path, array: np.ndarray) -> None:
-    """Encode ``array`` (H x W grey or H x W x 3 BGR) as PNG and write it atomically."""
-    ok, encoded = cv2.imencode(".png", np.ascontiguousarray(array))
-    if not ok:
-        raise SegError(f"cannot encode {path} as PNG")
-    write_bytes_atomic(path, encoded.tobytes())
-
-
-def write_bytes_atomic(path: Path, data: bytes) -> None:
-    """Write ``data`` to a temporary file beside ``path`` and rename it over ``path``.
-
-    A crash leaves either the old file or the new one, never half a file. Unlike the
-    checkpoint writer there is no fsync (thousands of small outputs), and the file gets
-    the usual permissions (umask), not mkstemp's 0600.
-    """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
-    try:
-        partial.write_bytes(data)
-        os.replace(partial, path)
-    except BaseException:
-        partial.unlink(missing_ok=True)
-        raise
 
 
 def run_prediction(

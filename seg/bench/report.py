@@ -21,6 +21,7 @@ import torch
 from seg import dist
 from seg.bench.timing import BenchOptions, Section
 from seg.errors import ConfigError
+from seg.fileio import write_text_atomic
 
 #: Known sections, in the order they run.
 SECTIONS = ("model", "loss", "loader", "train_step")
@@ -100,13 +101,6 @@ def render_markdown(
     return "\n".join(lines) + "\n"
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    """Write to a temporary name, then rename, so that a crash never leaves half a file."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def write_results(
     out_dir: Path, machine: dict[str, Any], sections: Sequence[Section], notes: Sequence[str]
 ) -> str:
@@ -125,9 +119,9 @@ def write_results(
         ],
         "notes": list(notes),
     }
-    _write_atomic(out_dir / "results.json", json.dumps(payload, indent=2, default=str) + "\n")
+    write_text_atomic(out_dir / "results.json", json.dumps(payload, indent=2, default=str) + "\n")
     markdown = render_markdown(machine, sections, notes)
-    _write_atomic(out_dir / "results.md", markdown)
+    write_text_atomic(out_dir / "results.md", markdown)
     return markdown
 
 

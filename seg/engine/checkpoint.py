@@ -11,15 +11,15 @@ from __future__ import annotations
 
 import os
 import pickle
-import tempfile
 import zipfile
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
 import torch
 
 from seg.errors import CheckpointError
+from seg.fileio import atomic_write
 
 CHECKPOINT_KEYS = (
     "model",
@@ -35,50 +35,9 @@ CHECKPOINT_KEYS = (
 EVAL_KEYS = ("model", "config")
 
 
-def _fsync_dir(directory: Path) -> None:
-    """Make a rename durable (POSIX); silently skipped where directories cannot be opened."""
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def atomic_write(path: str | os.PathLike[str], write: Callable[[BinaryIO], None]) -> None:
-    """Create ``path`` atomically: ``write(file)`` fills a temporary file in the same
-    folder, which is fsynced and renamed over ``path``.
-
-    If anything fails (or the process dies) before the rename, ``path`` keeps its previous
-    content; on an exception the temporary file is removed.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as file:
-            write(file)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(tmp_name, path)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
-
-
-def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
-    """Write ``data`` to ``path`` atomically (see :func:`atomic_write`)."""
-    atomic_write(path, lambda file: file.write(data))
-
-
 def save_checkpoint(path: str | os.PathLike[str], payload: Mapping[str, Any]) -> None:
-    """Save ``payload`` (a checkpoint dict) to ``path`` atomically with ``torch.save``."""
-    atomic_write(path, lambda file: torch.save(dict(payload), file))
+    """Save ``payload`` (a checkpoint dict) to ``path`` atomically and durably (fsynced)."""
+    atomic_write(path, lambda file: torch.save(dict(payload), file), durable=True)
 
 
 def _first_line(error: BaseException) -> str:

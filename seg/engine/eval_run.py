@@ -34,9 +34,10 @@ from torch import nn
 
 from seg import dist
 from seg.data.loader import build_eval_loader
-from seg.engine.checkpoint import atomic_write_bytes, load_checkpoint
+from seg.engine.checkpoint import load_checkpoint
 from seg.engine.evaluator import Evaluator
 from seg.errors import CheckpointError, ConfigError, SegError
+from seg.fileio import write_png, write_text_atomic
 from seg.instantiate import build
 from seg.metrics import format_metrics_table
 from seg.models.weights import strip_wrapper_prefixes
@@ -209,13 +210,6 @@ def output_stem(name: str) -> str:
     return name.removesuffix("_leftImg8bit")
 
 
-def _write_png(path: Path, array: np.ndarray) -> None:
-    ok, encoded = cv2.imencode(".png", array)
-    if not ok:
-        raise OSError(f"cannot encode PNG for {path}")
-    atomic_write_bytes(path, encoded.tobytes())
-
-
 class PredictionWriter:
     """Saves predictions as Cityscapes ``*_labelIds.png`` or coloured masks and overlays.
 
@@ -253,14 +247,14 @@ class PredictionWriter:
             stem = output_stem(str(name))
             mapped = self.table[ids[i]]
             if self.kind == "labelIds":
-                _write_png(self.folder / f"{stem}_labelIds.png", mapped)
+                write_png(self.folder / f"{stem}_labelIds.png", mapped)
             else:
                 image = batch["image"][i].numpy()
                 overlay = (0.5 * image + 0.5 * mapped).round().astype(np.uint8)
-                _write_png(
+                write_png(
                     self.folder / f"{stem}_color.png", cv2.cvtColor(mapped, cv2.COLOR_RGB2BGR)
                 )
-                _write_png(
+                write_png(
                     self.folder / f"{stem}_overlay.png", cv2.cvtColor(overlay, cv2.COLOR_RGB2BGR)
                 )
             self.count += 1
@@ -293,11 +287,11 @@ def write_reports(
     }
     json_path, md_path = out_dir / "metrics.json", out_dir / "metrics.md"
     text = json.dumps(_json_safe(report), indent=2, allow_nan=False) + "\n"
-    atomic_write_bytes(json_path, text.encode())
+    write_text_atomic(json_path, text)
     header = f"# Evaluation of `{info['checkpoint']}`\n\n"
     details = ", ".join(f"{k}: {v}" for k, v in info.items() if k != "checkpoint")
     markdown = header + details + "\n\n" + format_metrics_table(metrics, class_names, markdown=True)
-    atomic_write_bytes(md_path, markdown.encode())
+    write_text_atomic(md_path, markdown)
     return json_path, md_path
 
 
