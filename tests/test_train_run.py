@@ -253,6 +253,15 @@ def test_cli_missing_cityscapes_is_one_line(tmp_path: Path) -> None:
     assert str(tmp_path / "data" / "cityscapes") in lines[0] and "dataset.root=" in lines[0]
 
 
+@pytest.mark.parametrize("override", ["trainer.cudnn_benchmark=maybe", "trainer.channels_last=on"])
+def test_cli_bad_device_switch_stops_before_writing(tmp_path: Path, override: str) -> None:
+    result = _train_cli(override, "hydra.run.dir=run", cwd=tmp_path)
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and override.split("=")[0] in lines[0], result.stderr
+    assert not (tmp_path / "run" / "train.log").exists()
+
+
 def test_cli_help() -> None:
     result = _train_cli("--help", cwd=REPO)
     assert result.returncode == 0

@@ -231,8 +231,13 @@ def _run(cfg: DictConfig, run_dir: Path | None, callbacks: Sequence[Callback]) -
 
 
 def trainer_settings(cfg: DictConfig) -> TrainerSettings:
-    """``cfg.trainer``'s loop settings, validated."""
+    """``cfg.trainer``'s loop settings, validated (the device switches too, so that a bad
+    value stops the run before anything is written)."""
     trainer_cfg = cfg.trainer
+    for key in ("channels_last", "cudnn_benchmark"):
+        value = trainer_cfg.get(key, "auto")
+        if not (str(value) == "auto" or isinstance(value, bool)):
+            raise ConfigError(f"trainer.{key} must be auto, true or false, got {value!r}")
     return TrainerSettings(
         max_iters=int(trainer_cfg.max_iters),
         eval_interval=int(trainer_cfg.eval_interval),
