@@ -288,6 +288,14 @@ def test_predict_tool_reports_skipped_files(
         f"error: checkpoint not found: {tmp_path / 'nope.pt'}"
     ]
 
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")
+    unwritable = run_tool([f"ckpt={ckpt}", f"input={tmp_path / 'in'}", f"out={blocker}/pred"], work)
+    assert unwritable.returncode == 2
+    last = unwritable.stderr.strip().splitlines()[-1]  # after the progress bar's lines
+    assert last.startswith("error: ") and str(blocker) in last, unwritable.stderr
+    assert "Traceback" not in unwritable.stderr
+
 
 @pytest.mark.gpu
 def test_predict_on_gpu_with_amp_matches_cpu(

@@ -28,7 +28,7 @@ def main(cfg: DictConfig) -> None:
             check=cfg.check,
             tolerance=cfg.tolerance,
         )
-    except SegError as error:
+    except (SegError, OSError) as error:  # OSError: an unwritable output path, named in it
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
     print(summary.describe())

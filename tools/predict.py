@@ -22,7 +22,7 @@ def main(cfg: DictConfig) -> None:
     options = OmegaConf.to_container(cfg, resolve=True)
     try:
         summary = run_prediction(**options)
-    except SegError as error:
+    except (SegError, OSError) as error:  # OSError: an unwritable output path, named in it
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
     print(summary.describe())

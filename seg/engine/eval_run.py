@@ -387,7 +387,7 @@ def main(argv: Sequence[str]) -> int:
         tool_overrides, overrides = parse_args(argv)
         tool_cfg = compose_tool_config(tool_overrides)
         run_eval(tool_cfg, overrides)
-    except SegError as error:
+    except (SegError, OSError) as error:  # OSError: an unwritable output path, named in it
         print(f"error: {error}", file=sys.stderr)
         return 2
     return 0
