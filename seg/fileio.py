@@ -1,6 +1,6 @@
 """Atomic file writing: a crash leaves the old file or the new one, never half a file.
 
-Every file the framework writes for users (checkpoints, configs' companions, reports,
+Every file the framework writes for users (checkpoints, evaluation and comparison reports,
 predictions, ONNX models, benchmark results) goes through :func:`atomic_write`: the content
 is written to a temporary file beside the target and renamed over it. ``durable=True``
 (checkpoints) also fsyncs the file and the folder, so that the rename survives a power cut;

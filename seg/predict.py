@@ -42,7 +42,6 @@ from seg.visualize import colorize, generated_palette, overlay, palette_array
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
 VIDEO_SUFFIXES = (".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg")
-#: Prefixes that wrappers add to parameter names (DDP, torch.compile); stripped on load.
 
 
 # --------------------------------------------------------------------------- model

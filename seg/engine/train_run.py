@@ -132,17 +132,23 @@ def prepare_model(model: nn.Module, device: torch.device, channels_last: bool) -
     return model
 
 
+def _auto_or_bool(setting: Any, key: str) -> bool | None:
+    """A ``trainer.<key>: auto | true | false`` switch: None for ``auto``, else the bool."""
+    if str(setting) == "auto":
+        return None
+    if isinstance(setting, bool):
+        return setting
+    raise ConfigError(f"trainer.{key} must be auto, true or false, got {setting!r}")
+
+
 def use_channels_last(setting: Any, device: torch.device) -> bool:
     """``trainer.channels_last``: put the model and its inputs in channels_last memory.
 
     ``auto`` is on for every device: cuDNN's fast layout under AMP on CUDA, and 1.12-1.16x
     faster training steps on the CPU too (docs/benchmarks.md, torch 2.15, AVX-512).
     """
-    if str(setting) == "auto":
-        return device.type in ("cuda", "cpu")
-    if isinstance(setting, bool):
-        return setting
-    raise ConfigError(f"trainer.channels_last must be auto, true or false, got {setting!r}")
+    choice = _auto_or_bool(setting, "channels_last")
+    return device.type in ("cuda", "cpu") if choice is None else choice
 
 
 def use_cudnn_benchmark(setting: Any, device: torch.device) -> bool:
@@ -152,11 +158,8 @@ def use_cudnn_benchmark(setting: Any, device: torch.device) -> bool:
     first step of each shape pays back on every later step. Off gives cuDNN's heuristic
     choice, which is also the same from run to run. Meaningless on CPU (always False there).
     """
-    if str(setting) == "auto":
-        return device.type == "cuda"
-    if isinstance(setting, bool):
-        return setting and device.type == "cuda"
-    raise ConfigError(f"trainer.cudnn_benchmark must be auto, true or false, got {setting!r}")
+    choice = _auto_or_bool(setting, "cudnn_benchmark")
+    return device.type == "cuda" and choice is not False
 
 
 def hyper_parameters(cfg: DictConfig, world_size: int, amp_name: str) -> dict[str, Any]:
@@ -235,9 +238,7 @@ def trainer_settings(cfg: DictConfig) -> TrainerSettings:
     value stops the run before anything is written)."""
     trainer_cfg = cfg.trainer
     for key in ("channels_last", "cudnn_benchmark"):
-        value = trainer_cfg.get(key, "auto")
-        if not (str(value) == "auto" or isinstance(value, bool)):
-            raise ConfigError(f"trainer.{key} must be auto, true or false, got {value!r}")
+        _auto_or_bool(trainer_cfg.get(key, "auto"), key)
     return TrainerSettings(
         max_iters=int(trainer_cfg.max_iters),
         eval_interval=int(trainer_cfg.eval_interval),
