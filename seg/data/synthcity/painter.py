@@ -1,4 +1,4 @@
-"""SynthCity: procedurally drawn street scenes in the exact Cityscapes layout and label ids.
+"""The SynthCity painter: one procedurally drawn street scene, image and labels together.
 
 Each image is a perspective street: sky, a road converging to a vanishing point,
 sidewalks, building facades (with windows) or parks on both sides, then objects sorted
@@ -12,44 +12,17 @@ Difficulty knobs (all in :class:`SynthCityParams`, so calibration is a config ch
 ``colour_spread``, ``texture``, ``noise_std``, ``blur_sigma``, ``lighting_range``,
 ``shadow_prob`` and the object counts. Rare classes are rare because they are few, thin
 or small, as in Cityscapes.
-
-Determinism: image ``i`` of split ``s`` is drawn from ``default_rng([seed, split code, i])``
-only, so the bytes depend on the parameters alone (not on generation order).
-
-Writing: :func:`generate_synthcity` writes into a temporary sibling folder and renames it
-to ``root`` when complete, with ``synthcity.json`` (the parameters) inside; a half-written
-dataset is never at ``root``. :func:`ensure_synthcity` holds an exclusive lock file
-(``.<root name>.lock`` beside ``root``) while it checks and generates, so several DDP ranks
-on one machine may call it at once: one generates, the others wait and reuse the result.
 """
 
 from __future__ import annotations
 
-import contextlib
-import json
-import os
-import shutil
-import time
-from collections.abc import Callable, Iterator, Mapping
-from dataclasses import asdict, dataclass, fields
-from pathlib import Path
+from collections.abc import Callable
 
 import cv2
 import numpy as np
 
-from seg.data.cityscapes import IMAGE_SUFFIX, LABEL_IDS_SUFFIX, CityscapesDataset
 from seg.data.labels import CITYSCAPES_NAME_TO_ID as ID
-from seg.errors import ConfigError, DatasetError
-
-try:  # POSIX advisory locks; without them concurrent first use is the caller's job.
-    import fcntl
-except ImportError:  # pragma: no cover - Windows
-    fcntl = None
-
-MARKER = "synthcity.json"
-FORMAT_VERSION = 1
-SPLIT_CODES = {"train": 0, "val": 1, "test": 2}
-CITIES = {"train": ("anvil", "brook", "cedar", "dune"), "val": ("ember",), "test": ("fjord",)}
+from seg.data.synthcity.params import SynthCityParams
 
 # Mean colour of each drawn class (RGB), before colour_overlap mixes in random colours.
 BASE_COLOURS: dict[int, tuple[int, int, int]] = {
@@ -99,89 +72,6 @@ TEXTURE_AMPLITUDE: dict[int, tuple[float, float]] = {
     ID["static"]: (10, 10),
     ID["rail track"]: (10, 12),
 }
-
-
-@dataclass
-class SynthCityParams:
-    """Size, counts and difficulty of a SynthCity dataset (every field is a config key).
-
-    Counts ``[lo, hi]`` are drawn uniformly per image (inclusive); ``*_prob`` are per-image
-    probabilities. Colours are on the 0-255 scale; sizes in pixels scale with the width.
-    """
-
-    height: int = 128
-    width: int = 256
-    num_train: int = 400
-    num_val: int = 100
-    num_test: int = 0
-    seed: int = 0
-    # difficulty
-    colour_overlap: float = 0.35  # as configs/dataset/synthcity.yaml (docs/synthcity_calibration.md)
-    colour_spread: float = 18.0
-    texture: float = 1.0
-    noise_std: float = 6.0
-    blur_sigma: float = 0.6
-    lighting_range: tuple[float, float] = (0.6, 1.3)
-    shadow_prob: float = 0.5
-    # object counts per image
-    cars: tuple[int, int] = (1, 5)
-    persons: tuple[int, int] = (2, 7)
-    riders: tuple[int, int] = (0, 1)
-    parked_bicycles: tuple[int, int] = (0, 2)
-    poles: tuple[int, int] = (2, 6)
-    signs: tuple[int, int] = (0, 2)
-    trees: tuple[int, int] = (1, 5)
-    walls: tuple[int, int] = (0, 2)
-    fences: tuple[int, int] = (0, 2)
-    unlabeled_patches: tuple[int, int] = (0, 3)
-    static_objects: tuple[int, int] = (0, 2)
-    truck_prob: float = 0.35
-    bus_prob: float = 0.25
-    train_prob: float = 0.12
-    park_prob: float = 0.3
-    ego_vehicle_prob: float = 0.8
-    border_prob: float = 0.5
-
-    @classmethod
-    def from_mapping(cls, values: Mapping | None) -> SynthCityParams:
-        """Build from a config mapping; unknown keys raise ``ConfigError`` naming them."""
-        values = dict(values or {})
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ConfigError(f"unknown SynthCity generator option(s): {', '.join(unknown)}")
-        for f in fields(cls):
-            if f.name in values and isinstance(f.default, tuple):
-                values[f.name] = tuple(values[f.name])
-        params = cls(**values)
-        params.validate()
-        return params
-
-    def validate(self) -> None:
-        if self.height < 16 or self.width < 32:
-            raise ConfigError(
-                f"SynthCity size must be at least 16x32, got {self.height}x{self.width}"
-            )
-        if min(self.num_train, self.num_val, self.num_test) < 0:
-            raise ConfigError("SynthCity image counts must be >= 0")
-        if not 0.0 <= self.colour_overlap <= 1.0:
-            raise ConfigError(f"colour_overlap must lie in [0, 1], got {self.colour_overlap}")
-        lo, hi = self.lighting_range
-        if not 0 < lo <= hi:
-            raise ConfigError(
-                f"lighting_range must satisfy 0 < lo <= hi, got {self.lighting_range}"
-            )
-        for f in fields(self):
-            value = getattr(self, f.name)
-            is_count = isinstance(value, tuple) and f.name != "lighting_range"
-            if is_count and (len(value) != 2 or not 0 <= value[0] <= value[1]):
-                raise ConfigError(f"{f.name} must be [lo, hi] with 0 <= lo <= hi, got {value}")
-
-    def as_json(self) -> dict:
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
-
-
-# ----------------------------------------------------------------------------- drawing
 
 
 class _Scene:
@@ -767,158 +657,3 @@ def render_scene(
         draw()
     _draw_void_frame(sc)
     return _finish_image(sc), sc.label
-
-
-# ----------------------------------------------------------------------------- files
-
-
-def split_sizes(params: SynthCityParams) -> dict[str, int]:
-    return {"train": params.num_train, "val": params.num_val, "test": params.num_test}
-
-
-def iter_split(
-    params: SynthCityParams, split: str
-) -> Iterator[tuple[str, str, np.ndarray, np.ndarray]]:
-    """Yield ``(city, base name, image, label ids)`` for every image of ``split``."""
-    cities = CITIES[split]
-    for index in range(split_sizes(params)[split]):
-        rng = np.random.default_rng([params.seed, SPLIT_CODES[split], index])
-        image, label = render_scene(params, rng)
-        city = cities[index % len(cities)]
-        yield city, f"{city}_{index // len(cities):06d}_000019", image, label
-
-
-def _write_png(path: Path, array: np.ndarray) -> None:
-    if not cv2.imwrite(str(path), array):
-        raise DatasetError(f"could not write {path}")
-
-
-def write_dataset(folder: Path, params: SynthCityParams) -> dict[str, float]:
-    """Write every split into ``folder`` (Cityscapes layout) plus the marker; return timings."""
-    start = time.perf_counter()
-    total = 0
-    for split in SPLIT_CODES:
-        if split_sizes(params)[split] == 0:
-            continue
-        for city, base, image, label in iter_split(params, split):
-            image_dir = folder / "leftImg8bit" / split / city
-            label_dir = folder / "gtFine" / split / city
-            image_dir.mkdir(parents=True, exist_ok=True)
-            label_dir.mkdir(parents=True, exist_ok=True)
-            _write_png(image_dir / f"{base}{IMAGE_SUFFIX}", cv2.cvtColor(image, cv2.COLOR_RGB2BGR))
-            _write_png(label_dir / f"{base}{LABEL_IDS_SUFFIX}", label)
-            total += 1
-    seconds = time.perf_counter() - start
-    marker = {"format_version": FORMAT_VERSION, "params": params.as_json(), "images": total}
-    (folder / MARKER).write_text(json.dumps(marker, indent=2) + "\n")
-    return {"images": total, "seconds": seconds, "images_per_s": total / max(seconds, 1e-9)}
-
-
-def read_marker(root: Path) -> dict | None:
-    """The marker of a complete dataset at ``root``, or None when there is none."""
-    marker = root / MARKER
-    if not marker.is_file():
-        return None
-    try:
-        return json.loads(marker.read_text())
-    except (OSError, json.JSONDecodeError) as err:
-        raise DatasetError(f"unreadable SynthCity marker {marker}: {err}") from err
-
-
-def _check_marker(root: Path, marker: dict, params: SynthCityParams) -> None:
-    stored = marker.get("params", {})
-    wanted = params.as_json()
-    differ = sorted(k for k in set(stored) | set(wanted) if stored.get(k) != wanted.get(k))
-    if marker.get("format_version") != FORMAT_VERSION or differ:
-        what = ", ".join(differ) if differ else "format version"
-        raise DatasetError(
-            f"{root} holds SynthCity made with other parameters ({what}); delete it or set "
-            f"dataset.root to another folder"
-        )
-
-
-@contextlib.contextmanager
-def _exclusive_lock(path: Path) -> Iterator[None]:
-    with open(path, "a+") as handle:
-        if fcntl is not None:
-            fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            if fcntl is not None:
-                fcntl.flock(handle, fcntl.LOCK_UN)
-
-
-def generate_synthcity(root: str | Path, params: SynthCityParams, force: bool = False) -> dict:
-    """Generate SynthCity at ``root`` atomically (temp folder + rename) under the lock.
-
-    Returns the timing dict of :func:`write_dataset` (``images``, ``seconds``,
-    ``images_per_s``), or ``{"images": 0}`` when a matching dataset already existed.
-    """
-    root = Path(root)
-    root.parent.mkdir(parents=True, exist_ok=True)
-    with _exclusive_lock(root.parent / f".{root.name}.lock"):
-        marker = read_marker(root)
-        if marker is not None and not force:
-            _check_marker(root, marker, params)
-            return {"images": 0}
-        if root.exists() and marker is None:
-            raise DatasetError(
-                f"{root} exists but is not a complete SynthCity dataset (no {MARKER}); "
-                f"delete it or set dataset.root to another folder"
-            )
-        # Holding the lock, any leftover temp folder is from an interrupted run.
-        for stale in root.parent.glob(f".{root.name}.tmp-*"):
-            shutil.rmtree(stale, ignore_errors=True)
-        tmp = root.parent / f".{root.name}.tmp-{os.getpid()}"
-        try:
-            stats = write_dataset(tmp, params)
-            if force and root.exists():
-                shutil.rmtree(root)
-            os.replace(tmp, root)
-        finally:
-            if tmp.exists():
-                shutil.rmtree(tmp, ignore_errors=True)
-    return stats
-
-
-def ensure_synthcity(root: str | Path, params: SynthCityParams) -> Path:
-    """Return ``root`` holding SynthCity made with ``params``, generating it if absent."""
-    root = Path(root)
-    marker = read_marker(root)
-    if marker is not None:
-        _check_marker(root, marker, params)
-        return root
-    generate_synthcity(root, params)
-    return root
-
-
-class SynthCityDataset(CityscapesDataset):
-    """A ``CityscapesDataset`` over SynthCity that generates the data on first use.
-
-    Args:
-        root: dataset folder (default ``data/synthcity``; relative to the working directory).
-        split: ``train``, ``val`` or ``test``.
-        transform: albumentations pipeline or None.
-        generator: :class:`SynthCityParams` fields (from ``dataset.generator`` in config).
-        generate: False raises ``DatasetError`` instead of generating a missing dataset.
-    """
-
-    def __init__(
-        self,
-        root: str | Path = "data/synthcity",
-        split: str = "train",
-        transform=None,
-        generator: Mapping | None = None,
-        generate: bool = True,
-        strict: bool = True,
-    ) -> None:
-        params = SynthCityParams.from_mapping(generator)
-        self.params = params
-        if generate:
-            ensure_synthcity(root, params)
-        elif read_marker(Path(root)) is None:
-            raise DatasetError(
-                f"no SynthCity dataset at {Path(root).resolve()} (run tools/make_synthcity.py)"
-            )
-        super().__init__(root, split, transform=transform, label_type="labelIds", strict=strict)
