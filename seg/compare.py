@@ -38,6 +38,7 @@ import numpy as np
 from seg.engine.checkpoint import load_checkpoint
 from seg.errors import ConfigError, SegError
 from seg.fileio import write_bytes_atomic, write_text_atomic
+from seg.tables import markdown_table
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 TRAIN_SCRIPT = REPO_ROOT / "tools" / "train.py"
@@ -262,8 +263,6 @@ def format_report(
     setup: dict[str, Any],
 ) -> str:
     """The markdown report (figures in percent)."""
-    from seg.bench.timing import markdown_table
-
     lines = ["# Loss comparison", "", f"Command: `{command}`", ""]
     lines += [f"- {key}: {value}" for key, value in setup.items()]
     lines += ["", "## mIoU over seeds (val, final iteration)", ""]
@@ -416,8 +415,8 @@ def train_overrides(task_overrides: Sequence[str]) -> list[str]:
 
 def class_pixel_counts(dataset_cfg: Any) -> list[int]:
     """Training pixels per train id (reads every training label once)."""
+    from seg.data.build import build_dataset
     from seg.data.check import check_split
-    from seg.data.loader import build_dataset
 
     dataset = build_dataset(dataset_cfg.train, transform=None, strict=False)
     report = check_split(dataset, "train")

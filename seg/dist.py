@@ -8,6 +8,7 @@ collectives that do nothing. ``torchrun`` sets ``RANK``, ``WORLD_SIZE`` and ``LO
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable
 
 import torch
 import torch.distributed as dist
@@ -105,3 +106,22 @@ def cleanup() -> None:
     """Leave the process group, if one was joined."""
     if is_distributed():
         dist.destroy_process_group()
+
+
+def same_on_all_ranks(tensors: Iterable[torch.Tensor], device: torch.device) -> bool:
+    """Whether every process holds the same ``tensors`` (True in a single process).
+
+    Compares per-tensor float64 sums and sums of squares with one all-gather: a cheap
+    fingerprint, enough to catch ranks that drifted apart.
+    """
+    if not is_distributed():
+        return True
+    fingerprint = torch.stack(
+        [
+            torch.stack([t.detach().double().sum(), t.detach().double().square().sum()])
+            for t in tensors
+        ]
+    ).to(device)
+    gathered = [torch.empty_like(fingerprint) for _ in range(get_world_size())]
+    dist.all_gather(gathered, fingerprint)
+    return all(torch.equal(gathered[0], other) for other in gathered[1:])

@@ -21,3 +21,17 @@ class CheckpointError(SegError):
 
 class ConfigError(SegError):
     """A configuration value is invalid (wrong range, unknown name, inconsistent sizes)."""
+
+
+def first_line(error: BaseException, *, with_type: bool = False, limit: int = 300) -> str:
+    """The first non-empty line of ``error``'s message (its type name when it has none).
+
+    Library exceptions (Hydra, torch, onnx) often carry many lines; a one-line ``SegError``
+    quotes this line instead. ``with_type`` prefixes ``TypeName: ``; ``limit`` caps the
+    length so that a huge message cannot flood the one line.
+    """
+    text = str(error).strip()
+    line = text.splitlines()[0].strip() if text else type(error).__name__
+    if with_type and text:
+        line = f"{type(error).__name__}: {line}"
+    return line[:limit]

@@ -33,9 +33,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from seg.errors import ConfigError, SegError
+from seg.engine.load import InferenceModel, load_inference_model
+from seg.errors import ConfigError, SegError, first_line
 from seg.fileio import write_bytes_atomic
-from seg.predict import InferenceModel, load_inference_model
 
 #: Lowest opset the torch.export-based exporter writes without a failing down-conversion.
 MIN_OPSET = 18
@@ -164,7 +164,7 @@ def export_onnx(
                 verbose=False,
             )
     except Exception as error:
-        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        first = first_line(error)
         raise ExportError(f"ONNX export failed: {type(error).__name__}: {first[:300]}") from None
     proto = program.model_proto
     _name_output_dims(proto)

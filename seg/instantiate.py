@@ -13,7 +13,7 @@ from typing import Any
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 
-from seg.errors import ConfigError, SegError
+from seg.errors import ConfigError, SegError, first_line
 
 
 def build(node: Any, what: str, **kwargs: Any) -> Any:
@@ -26,5 +26,5 @@ def build(node: Any, what: str, **kwargs: Any) -> Any:
             cause = cause.__cause__
         if isinstance(cause, SegError):
             raise cause from None
-        first = str(error).strip().splitlines()[0] if str(error).strip() else repr(error)
+        first = first_line(error)
         raise ConfigError(f"cannot build the {what}: {first}") from None

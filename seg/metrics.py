@@ -22,6 +22,7 @@ import torch
 
 from seg import dist
 from seg.errors import DatasetError
+from seg.tables import markdown_table
 
 
 class ConfusionMatrix:
@@ -146,14 +147,16 @@ def format_metrics_table(
         ("fwIoU", metrics["fwIoU"]),
     ]
     if markdown:
-        lines = ["| class | IoU | Acc |", "|---|---:|---:|"]
-        lines += [
-            f"| {name} | {_percent(i)} | {_percent(a)} |"
-            for name, i, a in zip(names, iou, acc, strict=True)
+        per_class = [
+            [name, _percent(i), _percent(a)] for name, i, a in zip(names, iou, acc, strict=True)
         ]
-        lines += ["", "| metric | value |", "|---|---:|"]
-        lines += [f"| {key} | {_percent(value)} |" for key, value in summary]
-        return "\n".join(lines) + "\n"
+        totals = [[key, _percent(value)] for key, value in summary]
+        return (
+            markdown_table(["class", "IoU", "Acc"], per_class, align=["left", "right", "right"])
+            + "\n\n"
+            + markdown_table(["metric", "value"], totals, align=["left", "right"])
+            + "\n"
+        )
     width = max(12, *(len(n) for n in names))
     lines = [f"{'class':<{width}} {'IoU':>7} {'Acc':>7}", "-" * (width + 16)]
     lines += [

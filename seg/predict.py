@@ -10,15 +10,15 @@ A video gives ``overlays/<name>.mp4`` (mp4v), one overlaid frame per input frame
 Files inside an input folder keep their relative path. Files that cannot be read are
 reported by name and skipped; :class:`PredictSummary` lists them.
 
-The model is built from the checkpoint's own config (``config["model"]``) without its
-auxiliary heads; inference reuses :mod:`seg.engine.inference`, the evaluator's path.
+The model comes from :func:`seg.engine.load.load_inference_model` (the loader that eval and
+export use too); inference reuses :mod:`seg.engine.inference`, the evaluator's path.
 """
 
 from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,169 +26,18 @@ from typing import Any
 import cv2
 import numpy as np
 import torch
-from hydra.errors import HydraException
-from hydra.utils import instantiate
-from torch import nn
 from tqdm import tqdm
 
-from seg import dist
 from seg.data.batch import normalize_images
-from seg.engine.checkpoint import load_checkpoint
-from seg.engine.inference import AMP_MODES, INFERENCE_MODES, autocast_context, predict_probs
-from seg.errors import CheckpointError, ConfigError, DatasetError
+from seg.engine.amp import autocast, resolve_amp
+from seg.engine.inference import INFERENCE_MODES, predict_probs
+from seg.engine.load import InferenceModel, load_inference_model
+from seg.errors import ConfigError, DatasetError
 from seg.fileio import write_png
-from seg.models.weights import strip_wrapper_prefixes
-from seg.visualize import colorize, generated_palette, overlay, palette_array
+from seg.visualize import colorize, overlay, palette_array
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
 VIDEO_SUFFIXES = (".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg")
-
-
-# --------------------------------------------------------------------------- model
-
-
-@dataclass
-class InferenceModel:
-    """A checkpoint's model in eval mode (no auxiliary heads) and what is needed to use it.
-
-    ``mean``/``std`` are the RGB normalisation on the 0-1 scale, ``palette`` has one RGB
-    triple per train id, all read from the checkpoint's ``config["dataset"]``.
-    """
-
-    model: nn.Module
-    num_classes: int
-    mean: list[float]
-    std: list[float]
-    class_names: list[str]
-    palette: list[list[int]]
-    config: dict[str, Any]
-    device: torch.device
-    path: Path
-
-
-def _dataset_info(config: Mapping[str, Any], path: Path) -> dict[str, Any]:
-    """num_classes, mean, std, class_names and palette from ``config["dataset"]``."""
-    dataset = config.get("dataset")
-    if not isinstance(dataset, Mapping):
-        raise CheckpointError(f"checkpoint {path}: config has no 'dataset' section")
-    try:
-        num_classes = int(dataset["num_classes"])
-        mean = [float(v) for v in dataset["mean"]]
-        std = [float(v) for v in dataset["std"]]
-    except (KeyError, TypeError, ValueError) as error:
-        raise CheckpointError(
-            f"checkpoint {path}: config.dataset needs num_classes, mean and std ({error!r})"
-        ) from None
-    if len(mean) != 3 or len(std) != 3 or min(std) <= 0:
-        raise CheckpointError(
-            f"checkpoint {path}: config.dataset mean/std must be 3 values (std > 0), "
-            f"got {mean} / {std}"
-        )
-    if not 1 <= num_classes <= 255:
-        # Label maps are uint8 PNGs with 255 kept for "ignore".
-        raise CheckpointError(
-            f"checkpoint {path}: num_classes must lie in 1..255, got {num_classes}"
-        )
-    names = dataset.get("class_names") or [f"class_{i}" for i in range(num_classes)]
-    palette = dataset.get("palette") or generated_palette(num_classes)
-    if len(names) != num_classes:
-        raise CheckpointError(
-            f"checkpoint {path}: config.dataset.class_names has {len(names)} entries "
-            f"for {num_classes} classes"
-        )
-    if len(palette) < num_classes:
-        raise CheckpointError(
-            f"checkpoint {path}: config.dataset.palette has {len(palette)} colours "
-            f"for {num_classes} classes"
-        )
-    try:
-        palette_array(palette)
-    except ValueError as error:
-        raise CheckpointError(f"checkpoint {path}: config.dataset.palette: {error}") from None
-    return {
-        "num_classes": num_classes,
-        "mean": mean,
-        "std": std,
-        "class_names": [str(n) for n in names],
-        "palette": [[int(c) for c in rgb] for rgb in palette[:num_classes]],
-    }
-
-
-def build_inference_model(
-    model_config: Mapping[str, Any], path: Path | str = "<config>"
-) -> nn.Module:
-    """Instantiate ``model_config`` (a ``_target_`` node) without aux heads or pretrained weights."""
-    if not isinstance(model_config, Mapping) or "_target_" not in model_config:
-        raise CheckpointError(f"checkpoint {path}: config.model is not a node with a _target_")
-    try:
-        return instantiate(dict(model_config), weights=None, aux_heads=False)
-    except (HydraException, TypeError, ValueError) as error:
-        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise CheckpointError(
-            f"checkpoint {path}: cannot build the model from config.model "
-            f"(_target_ {model_config['_target_']}): {first[:200]}"
-        ) from None
-
-
-def _aux_only_keys(model_config: Mapping[str, Any], deploy_keys: set[str]) -> set[str]:
-    """Parameter names that only the training model (with aux heads) has.
-
-    Built on the meta device: no memory, no initialisation cost.
-    """
-    with torch.device("meta"):
-        full = instantiate(dict(model_config), weights=None, aux_heads=True)
-    return set(full.state_dict()) - deploy_keys
-
-
-def load_model_state(
-    model: nn.Module,
-    state: Mapping[str, torch.Tensor],
-    model_config: Mapping[str, Any],
-    path: Path | str,
-) -> None:
-    """Load a training state dict into ``model`` (built without aux heads).
-
-    Aux-head entries are dropped; anything else that does not fit (a missing or unknown
-    key, a shape mismatch) is a :class:`CheckpointError` naming the first offenders.
-    """
-    cleaned = strip_wrapper_prefixes(state)
-    expected = model.state_dict()
-    unknown = set(cleaned) - set(expected)
-    if unknown:
-        unknown -= _aux_only_keys(model_config, set(expected))
-    missing = sorted(set(expected) - set(cleaned))
-    mismatched = sorted(
-        f"{k} {tuple(cleaned[k].shape)} vs {tuple(expected[k].shape)}"
-        for k in set(expected) & set(cleaned)
-        if cleaned[k].shape != expected[k].shape
-    )
-    for label, keys in (
-        ("missing keys", missing),
-        ("unexpected keys", sorted(unknown)),
-        ("shape mismatches (checkpoint vs model)", mismatched),
-    ):
-        if keys:
-            shown = ", ".join(keys[:3]) + (", ..." if len(keys) > 3 else "")
-            raise CheckpointError(
-                f"checkpoint {path}: weights do not fit config.model: {len(keys)} {label} ({shown})"
-            )
-    model.load_state_dict({k: cleaned[k] for k in expected}, strict=True)
-
-
-def load_inference_model(
-    ckpt: str | os.PathLike[str], device: str | torch.device = "cpu"
-) -> InferenceModel:
-    """Load ``ckpt`` and return its model in eval mode on ``device``, aux heads dropped."""
-    path = Path(ckpt)
-    device = dist.resolve_device(device) if isinstance(device, str) else device
-    checkpoint = load_checkpoint(path, map_location="cpu")
-    config = checkpoint["config"]
-    info = _dataset_info(config, path)
-    model_config = config.get("model")
-    model = build_inference_model(model_config, path)
-    load_model_state(model, checkpoint["model"], model_config, path)
-    model.eval().to(device)
-    return InferenceModel(model=model, config=config, device=device, path=path, **info)
 
 
 # --------------------------------------------------------------------------- inputs
@@ -299,15 +148,6 @@ class PredictSummary:
         return f"{text}; {len(self.skipped)} file(s) skipped"
 
 
-def _amp_mode(amp: str | bool, device: torch.device) -> str:
-    """Normalise ``amp``: a mode name, or a bool (YAML reads a bare ``off`` as false)."""
-    if isinstance(amp, bool):
-        return ("fp16" if device.type == "cuda" else "bf16") if amp else "off"
-    if amp not in AMP_MODES:
-        raise ConfigError(f"amp must be one of {sorted(AMP_MODES)} (or true/false), got {amp!r}")
-    return amp
-
-
 class Predictor:
     """Label maps, coloured masks and overlays from a loaded checkpoint.
 
@@ -353,7 +193,7 @@ class Predictor:
         self.net = net
         self.batch_size = int(batch_size)
         self.alpha = float(alpha)
-        self.amp = _amp_mode(amp, net.device)
+        self.amp = resolve_amp(amp, net.device, "amp")
         self.inference = {
             "mode": mode,
             "scales": scales,
@@ -368,7 +208,7 @@ class Predictor:
     def predict(self, images: Sequence[np.ndarray]) -> np.ndarray:
         """Label maps for same-size uint8 H x W x 3 RGB images -> uint8 N x H x W train ids."""
         batch = torch.from_numpy(np.stack(images)).to(self.net.device)
-        with torch.inference_mode(), autocast_context(self.net.device, self.amp):
+        with torch.inference_mode(), autocast(self.amp):
             normalised = normalize_images(batch, self.net.mean, self.net.std)
             probs = predict_probs(self.net.model, normalised, **self.inference)
         return probs.argmax(dim=1).to(torch.uint8).cpu().numpy()

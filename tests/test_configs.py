@@ -12,9 +12,9 @@ from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from seg.data.build import build_dataset
 from seg.engine.evaluator import Evaluator
 from seg.engine.schedule import WarmupPolyLR
-from seg.engine.train_run import build_dataset
 from seg.errors import DatasetError
 from seg.losses import MultiHeadLoss
 
@@ -82,7 +82,7 @@ def test_experiment_composes_and_instantiates(name: str) -> None:
 def test_cityscapes_without_data_is_one_clear_error(name: str, tmp_path: Path) -> None:
     cfg = compose_train([f"+experiment={name}", f"dataset.root={tmp_path / 'nowhere'}"])
     with pytest.raises(DatasetError) as info:
-        build_dataset(cfg, "train")
+        build_dataset(cfg.dataset.train)
     message = str(info.value)
     assert "\n" not in message and str(tmp_path / "nowhere") in message
     assert "dataset.root=" in message
@@ -100,8 +100,8 @@ def test_synthcity_datasets_instantiate(tmp_path: Path) -> None:
             "dataset.crop_size=[32,64]",
         ]
     )
-    train = build_dataset(cfg, "train")
-    val = build_dataset(cfg, "val")
+    train = build_dataset(cfg.dataset.train)
+    val = build_dataset(cfg.dataset.val)
     assert (len(train), len(val)) == (2, 1)
     assert tuple(train[0]["image"].shape) == (32, 64, 3)
 

@@ -223,7 +223,7 @@ def test_check_counts_class_pixels(tmp_path):
 
 def test_folder_example_config_end_to_end(tmp_path):
     """The README's custom-data example: compose, build, read, check."""
-    from seg.data.loader import build_dataset
+    from seg.data.build import build_dataset
 
     root = tmp_path / "my_dataset"
     rng = np.random.default_rng(2)

@@ -145,8 +145,8 @@ def test_concurrent_first_use_generates_once(tmp_path):
 
 
 def test_synthcity_config_composes_and_builds(tmp_path):
+    from seg.data.build import build_dataset
     from seg.data.check import compose_dataset_config
-    from seg.data.loader import build_dataset
 
     overrides = [
         "dataset=synthcity",

@@ -12,10 +12,11 @@ import torch
 import torch.nn.functional as F
 from omegaconf import OmegaConf
 from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
 
 from seg.errors import CheckpointError, ConfigError
 from seg.models.bisenetv2 import AUX_HEADS, BiSeNetV2, GatherExpand, pad_to_multiple
-from seg.models.flops import conv_flops, count_conv_flops, count_parameters
+from seg.models.flops import count_flops, count_macs, count_parameters
 from seg.models.weights import load_weights
 
 REPO = Path(__file__).resolve().parents[1]
@@ -40,41 +41,29 @@ def test_parameter_counts_match_reference(model: BiSeNetV2) -> None:
     assert relative_error(count_parameters(BiSeNetV2(19, aux_heads=False)), 3_358_627) < 0.01
 
 
-def test_conv_flops_match_reference(model: BiSeNetV2) -> None:
+def test_flops_match_reference(model: BiSeNetV2) -> None:
     # Counted on the meta device: exact shapes at full size, no computation.
-    assert relative_error(count_conv_flops(model, (1, 3, 1024, 2048)), 196.8e9) < 0.02
-    assert relative_error(count_conv_flops(model, (1, 3, 512, 1024)), 49.2e9) < 0.02
+    assert relative_error(count_flops(model, (1, 3, 1024, 2048)), 196.8e9) < 0.02
+    assert relative_error(count_flops(model, (1, 3, 512, 1024)), 49.2e9) < 0.02
+    assert count_macs(model, (1, 3, 512, 1024)) == count_flops(model, (1, 3, 512, 1024)) // 2
     # Train mode adds the auxiliary heads.
-    assert count_conv_flops(model, (2, 3, 64, 128), training=True) > count_conv_flops(
-        model, (2, 3, 64, 128)
-    )
+    assert count_flops(model, (2, 3, 64, 128), training=True) > count_flops(model, (2, 3, 64, 128))
 
 
-def test_conv_flop_counter_on_known_layers() -> None:
-    conv = nn.Conv2d(8, 16, 3, stride=2, padding=1, groups=2)
-    out = conv(torch.zeros(1, 8, 10, 10))  # 1 x 16 x 5 x 5
-    assert conv_flops(conv, out) == 2 * (16 * 5 * 5) * (8 // 2) * 3 * 3
+def test_flop_counter_on_known_layers() -> None:
+    conv = nn.Conv2d(8, 16, 3, stride=2, padding=1, groups=2)  # 1 x 16 x 5 x 5 out of 10 x 10
+    first = 2 * (16 * 5 * 5) * (8 // 2) * 3 * 3
     net = nn.Sequential(conv, nn.ReLU(), nn.Conv2d(16, 4, 1))
-    assert count_conv_flops(net, (1, 8, 10, 10)) == conv_flops(conv, out) + 2 * 4 * 25 * 16
+    assert count_flops(net, (1, 8, 10, 10)) == first + 2 * 4 * 25 * 16
+    assert count_macs(net, (1, 8, 10, 10)) == (first + 2 * 4 * 25 * 16) // 2
 
 
 def test_meta_count_equals_real_forward_count(model: BiSeNetV2) -> None:
-    """The meta-device count sees the same convolutions and shapes as a real forward pass."""
-    total = 0
-
-    def hook(module: nn.Module, _inputs: object, output: torch.Tensor) -> None:
-        nonlocal total
-        total += conv_flops(module, output)  # type: ignore[arg-type]
-
-    handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, nn.Conv2d)]
-    try:
-        model.eval()
-        with torch.no_grad():
-            model(torch.zeros(1, 3, 64, 96))
-    finally:
-        for handle in handles:
-            handle.remove()
-    assert total == count_conv_flops(model, (1, 3, 64, 96))
+    """The meta-device count sees the same operations and shapes as a real forward pass."""
+    model.eval()
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        model(torch.zeros(1, 3, 64, 96))
+    assert counter.get_total_flops() == count_flops(model, (1, 3, 64, 96))
 
 
 def test_architecture_resolutions(model: BiSeNetV2) -> None:

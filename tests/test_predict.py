@@ -13,9 +13,10 @@ import torch
 
 from seg.data.batch import normalize_images
 from seg.engine.checkpoint import save_checkpoint
+from seg.engine.load import load_inference_model
 from seg.errors import CheckpointError, ConfigError, DatasetError
 from seg.models.bisenetv2 import BiSeNetV2
-from seg.predict import Predictor, collect_inputs, load_inference_model, run_prediction
+from seg.predict import Predictor, collect_inputs, run_prediction
 from seg.visualize import cityscapes_palette, colorize, generated_palette, overlay
 
 REPO = Path(__file__).resolve().parents[1]

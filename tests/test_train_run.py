@@ -1,16 +1,16 @@
 """End-to-end training on tiny SynthCity: train, evaluate, checkpoint, interrupt, resume.
 
 ``trained``: one 32-iteration run with OHEM on all five heads (loss, checkpoints,
-TensorBoard). ``resumed``: a short uninterrupted run (A), and the same run interrupted by
-SIGINT (B) then resumed with ``resume=auto`` (C). B and C load data with two worker
-processes, A with none, so C == A also shows that the data order and augmentation do not
-depend on the workers.
+TensorBoard). ``resumed``: a short uninterrupted run (A), and the same run as a
+``tools/train.py`` process interrupted by Ctrl-C (SIGINT to its process group, loader
+workers included) (B), then resumed in-process with ``resume=auto`` (C). B and C load data
+with two worker processes, A with none, so C == A also shows that the data order and
+augmentation do not depend on the workers.
 """
 
 from __future__ import annotations
 
 import math
-import multiprocessing
 import os
 import signal
 import subprocess
@@ -23,17 +23,22 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig, OmegaConf
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from seg.engine.build import build_datasets, build_parts, parse_settings
 from seg.engine.checkpoint import CHECKPOINT_KEYS, load_checkpoint
-from seg.engine.train_run import run
-from seg.engine.trainer import NonFiniteLossError, Trainer, TrainResult
+from seg.engine.load import load_inference_model
+from seg.engine.logging import run_logging
+from seg.engine.loop import NonFiniteLossError
+from seg.engine.state import seed_everything
+from seg.engine.train_run import TrainResult, run, train
+from seg.instantiate import build
 from seg.losses import LossOutput
 
 REPO = Path(__file__).resolve().parents[1]
 HEADS = ("main", "aux2", "aux3", "aux4", "aux5_4")
 MAX_ITERS = 32
-RESUME_ITERS = 6
-INTERRUPT_AT = 3
+RESUME_ITERS = 12
 
 
 def tiny_overrides(data_root: Path) -> list[str]:
@@ -63,6 +68,13 @@ def weights_equal(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> boo
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+def scalars(run_dir: Path, tag: str) -> list[float]:
+    """The values of one TensorBoard scalar of a run, in step order."""
+    events = EventAccumulator(str(run_dir / "tb"), size_guidance={"scalars": 0})
+    events.Reload()
+    return [e.value for e in events.Scalars(tag)]
+
+
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory: pytest.TempPathFactory) -> TrainResult:
     base = tmp_path_factory.mktemp("train")
@@ -79,6 +91,27 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> TrainResult:
     return run(cfg, run_dir=base / "outputs" / "synthcity_ohem" / "run")
 
 
+def interrupt_with_ctrl_c(args: list[str], cwd: Path, log: Path, after: str) -> str:
+    """Run ``tools/train.py`` and press Ctrl-C (SIGINT to its process group, as a terminal
+    does) once ``log`` holds ``after``; returns the process's output."""
+    process = subprocess.Popen(
+        [sys.executable, str(REPO / "tools" / "train.py"), *args],
+        cwd=cwd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and process.poll() is None:
+        if log.is_file() and after in log.read_text():
+            os.killpg(process.pid, signal.SIGINT)
+            break
+        time.sleep(0.01)
+    output, _ = process.communicate(timeout=240)
+    return output
+
+
 @pytest.fixture(scope="module")
 def resumed(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     base = tmp_path_factory.mktemp("resume")
@@ -91,33 +124,25 @@ def resumed(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
         "trainer.log_interval=2",
     ]
     a = run(compose_cfg(common), run_dir=base / "a" / "run_a")
-
-    workers_alive: list[bool] = []
-
-    def interrupt(trainer: Trainer, iteration: int) -> None:
-        if iteration == INTERRUPT_AT - 1:  # Ctrl-C reaches the loader workers too: they go on
-            children = multiprocessing.active_children()
-            for child in children:
-                os.kill(child.pid, signal.SIGINT)
-            time.sleep(0.5)
-            workers_alive.extend(child.is_alive() for child in children)
-        if iteration == INTERRUPT_AT:
-            os.kill(os.getpid(), signal.SIGINT)  # the real handler path
-
     outputs = base / "outputs" / "synthcity_ohem"
     workers = ["loader.num_workers=2"]
-    b = run(compose_cfg(common + workers), run_dir=outputs / "run_b", callbacks=[interrupt])
+    output = interrupt_with_ctrl_c(
+        [*common, *workers, f"hydra.run.dir={outputs / 'run_b'}"],
+        cwd=base,
+        log=outputs / "run_b" / "train.log",
+        after=f"iter 2/{RESUME_ITERS}",
+    )
     b_last = load_checkpoint(
         outputs / "run_b" / "checkpoints" / "last.pt", required_keys=CHECKPOINT_KEYS
     )
     c = run(compose_cfg([*common, *workers, "resume=auto"]), run_dir=outputs / "run_c")
-    return {"a": a, "b": b, "b_last": b_last, "c": c, "outputs": outputs, "alive": workers_alive}
+    return {"a": a, "b_last": b_last, "b_output": output, "c": c, "outputs": outputs}
 
 
 @pytest.mark.slow
 def test_training_lowers_the_loss_and_evaluates(trained: TrainResult) -> None:
     assert trained.iteration == MAX_ITERS and trained.stopped_by is None
-    losses = [h["loss"] for h in trained.history]
+    losses = scalars(trained.run_dir, "train/loss")
     assert len(losses) == MAX_ITERS // 8
     assert all(math.isfinite(v) for v in losses)
     # Every head starts near ln 19 = 2.9 (small classifiers); a model that does not learn
@@ -125,7 +150,7 @@ def test_training_lowers_the_loss_and_evaluates(trained: TrainResult) -> None:
     assert losses[-1] < 0.8 * losses[0] and losses[-1] < losses[1], losses
     assert 0.0 <= trained.metrics["mIoU"] <= 1.0 and len(trained.metrics["IoU"]) == 19
     for head in HEADS:  # OHEM on all five heads: each reports its kept fraction
-        kept = [h[f"{head}/kept_fraction"] for h in trained.history]
+        kept = scalars(trained.run_dir, f"train/{head}/kept_fraction")
         assert all(0.0 < v <= 1.0 for v in kept)
 
 
@@ -140,40 +165,47 @@ def test_checkpoints_hold_everything_to_resume(trained: TrainResult) -> None:
     assert set(last["rng"]) >= {"torch", "numpy", "python"}
     assert last["config"]["experiment_name"] == "synthcity_ohem"
     assert last["config"]["optim"]["lr"] == 0.01  # resolved plain containers
-    assert weights_equal(last["model"], trained.model.state_dict())
+    assert last["metrics"]["val"]["mIoU"] == trained.metrics["mIoU"]
     assert not list(ckpt_dir.glob("*.tmp"))  # atomic writes leave no temporaries
+    # The stored weights are the final ones: evaluating them again gives the final metrics.
+    cfg = compose_cfg([*tiny_overrides(trained.run_dir.parents[2] / "synthcity")])
+    net = load_inference_model(ckpt_dir / "last.pt")
+    loader = torch.utils.data.DataLoader(build(cfg.dataset.val, "val"), batch_size=1)
+    again = build(cfg.eval, "evaluator").evaluate(net.model, loader, "cpu", progress=False)
+    assert again["mIoU"] == pytest.approx(trained.metrics["mIoU"], abs=1e-12)
 
 
 @pytest.mark.slow
-def test_sigint_saves_and_resume_is_exact(resumed: dict[str, Any]) -> None:
-    b, c = resumed["b"], resumed["c"]
-    assert b.stopped_by == "SIGINT" and b.iteration == INTERRUPT_AT
-    assert resumed["alive"] == [True, True]  # both loader workers ignored their SIGINT
-    assert resumed["b_last"]["iteration"] == INTERRUPT_AT
+def test_ctrl_c_saves_and_resume_is_exact(resumed: dict[str, Any]) -> None:
+    b_last, c = resumed["b_last"], resumed["c"]
+    stopped_at = b_last["iteration"]
+    assert 2 <= stopped_at < RESUME_ITERS, resumed["b_output"][-2000:]
+    assert "Traceback" not in resumed["b_output"]  # the loader workers ignored their SIGINT
     # resume=auto found run_b's last.pt and kept writing into run_b
     assert c.run_dir == resumed["outputs"] / "run_b"
     assert c.iteration == RESUME_ITERS and c.stopped_by is None
-    assert weights_equal(c.model.state_dict(), resumed["a"].model.state_dict())
+    a_last = load_checkpoint(resumed["a"].run_dir / "checkpoints" / "last.pt")
+    c_last = load_checkpoint(c.run_dir / "checkpoints" / "last.pt")
+    assert weights_equal(c_last["model"], a_last["model"])
     assert c.metrics["mIoU"] == resumed["a"].metrics["mIoU"]
     log = (resumed["outputs"] / "run_b" / "train.log").read_text()
-    assert f"stopped (SIGINT) at iteration {INTERRUPT_AT}" in log and "resuming from" in log
+    assert f"stopped (SIGINT) at iteration {stopped_at}" in log and "resuming from" in log
     assert not (resumed["outputs"] / "run_c" / "train.log").exists()
 
 
 @pytest.mark.slow
 def test_tensorboard_tags(trained: TrainResult) -> None:
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     from tensorboard.plugins.hparams.plugin_data_pb2 import HParamsPluginData
 
     events = EventAccumulator(str(trained.run_dir / "tb"))
     events.Reload()
     tags = events.Tags()
-    scalars = set(tags["scalars"])
+    scalar_tags = set(tags["scalars"])
     expected = {"train/loss", "train/lr", "train/images_per_s", "val/mIoU", "val/mAcc", "val/aAcc"}
     expected |= {f"train/loss/{h}" for h in HEADS} | {f"train/{h}/kept_fraction" for h in HEADS}
-    assert expected <= scalars, expected - scalars
-    assert any(t.startswith("val/IoU/") for t in scalars)
-    assert "hparam/mIoU" in scalars
+    assert expected <= scalar_tags, expected - scalar_tags
+    assert any(t.startswith("val/IoU/") for t in scalar_tags)
+    assert "hparam/mIoU" in scalar_tags
     assert {"val/sample_0", "val/sample_1"} <= set(tags["images"])
     image = events.Images("val/sample_0")[0]
     assert image.width == 3 * 128 and image.height == 64  # input | truth | prediction
@@ -183,6 +215,21 @@ def test_tensorboard_tags(trained: TrainResult) -> None:
     assert start.hparams["lr"].number_value == pytest.approx(0.01)
     assert start.hparams["max_iters"].number_value == MAX_ITERS
     assert [s.step for s in events.Scalars("val/mIoU")] == [16, 32]
+
+
+class PoisonedLoss(torch.nn.Module):
+    """The real loss, times NaN at steps 3, 4 and from 7 on (NaN gradients too)."""
+
+    def __init__(self, inner: torch.nn.Module) -> None:
+        super().__init__()
+        self.inner, self.calls = inner, 0
+
+    def forward(self, outputs: dict[str, torch.Tensor], labels: torch.Tensor) -> LossOutput:
+        self.calls += 1
+        out = self.inner(outputs, labels)
+        if self.calls in (3, 4) or self.calls >= 7:
+            out.total = out.total * float("nan")
+        return out
 
 
 @pytest.mark.slow
@@ -200,32 +247,25 @@ def test_nonfinite_losses_are_skipped_then_stop_training(tmp_path: Path) -> None
             "trainer.max_nonfinite_steps=3",
         ]
     )
+    settings = parse_settings(cfg)
+    seed_everything(settings.seed)
+    parts = build_parts(cfg, settings, build_datasets(cfg))
+    parts.step.criterion = PoisonedLoss(parts.step.criterion)
+    # Weights before each step's forward pass: snapshots[k] holds them after step k.
     snapshots: dict[int, dict[str, torch.Tensor]] = {}
 
-    class PoisonedLoss(torch.nn.Module):
-        """The real loss, times NaN at steps 3, 4 and from 7 on (NaN gradients too)."""
+    def before_forward(model: torch.nn.Module, _inputs: object) -> None:
+        snapshots[len(snapshots)] = {k: v.clone() for k, v in model.state_dict().items()}
 
-        def __init__(self, inner: torch.nn.Module, trainer: Trainer) -> None:
-            super().__init__()
-            self.inner, self.trainer = inner, trainer
-
-        def forward(self, outputs: dict[str, torch.Tensor], labels: torch.Tensor) -> LossOutput:
-            out = self.inner(outputs, labels)
-            step = self.trainer.iteration + 1
-            if step in (3, 4) or step >= 7:
-                out.total = out.total * float("nan")
-            return out
-
-    def hook(trainer: Trainer, iteration: int) -> None:
-        if iteration == 1:
-            trainer.step.criterion = PoisonedLoss(trainer.step.criterion, trainer)
-        snapshots[iteration] = {k: v.clone() for k, v in trainer.model.state_dict().items()}
-
-    with pytest.raises(NonFiniteLossError, match="not finite for 4 iterations in a row"):
-        run(cfg, run_dir=tmp_path / "run", callbacks=[hook])
+    parts.model.register_forward_pre_hook(before_forward)
+    with (
+        run_logging(tmp_path / "run" / "train.log", True),
+        pytest.raises(NonFiniteLossError, match="not finite for 4 iterations in a row") as error,
+    ):
+        train(parts, tmp_path / "run")
+    assert "stopped at iteration 10" in str(error.value)  # the first check after 3 NaNs in a row
     assert weights_equal(snapshots[4], snapshots[2])  # two skipped steps changed nothing
     assert not weights_equal(snapshots[5], snapshots[4])  # finite step 5 trained
-    assert max(snapshots) == 10  # the first check (log interval 2) after the 3rd NaN in a row
     last = load_checkpoint(
         tmp_path / "run" / "checkpoints" / "last.pt", required_keys=CHECKPOINT_KEYS
     )
@@ -274,6 +314,7 @@ def test_cli_run_dir_layout(tmp_path: Path) -> None:
         *tiny_overrides(tmp_path / "synthcity"),
         "trainer.max_iters=2",
         "trainer.log_interval=1",
+        "hydra.verbose=seg.train",  # Hydra's switch for DEBUG lines of chosen loggers
     ]
     result = _train_cli("+experiment=synthcity_ce", *args, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-2000:]
@@ -283,5 +324,6 @@ def test_cli_run_dir_layout(tmp_path: Path) -> None:
     assert {p.name for p in (run_dir / "checkpoints").iterdir()} >= {"last.pt"}
     log = (run_dir / "train.log").read_text()
     assert "iter 2/2" in log and "eval at iter 2" in log
+    assert "DEBUG seg.train: built BiSeNetV2" in log
     saved = OmegaConf.load(run_dir / ".hydra" / "config.yaml")
     assert saved.loss.name == "ce"

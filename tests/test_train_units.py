@@ -14,26 +14,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from seg.engine.amp import build_grad_scaler, resolve_amp
+from seg.engine.build import parse_settings, per_rank_batch, use_channels_last, use_cudnn_benchmark
 from seg.engine.optim import build_sgd, is_fused, split_decay_params
 from seg.engine.schedule import WarmupPolyLR
-from seg.engine.train_run import (
-    find_auto_resume,
-    per_rank_batch,
-    resolve_resume,
-    use_channels_last,
-    use_cudnn_benchmark,
-)
-from seg.engine.trainer import (
-    RunningStats,
-    StepOutput,
-    TrainerSettings,
-    TrainStep,
-    capture_rng_state,
-    restore_rng_state,
-)
+from seg.engine.state import capture_rng_state, find_auto_resume, resolve_resume, restore_rng_state
+from seg.engine.step import RunningStats, StepOutput, TrainStep
 from seg.errors import ConfigError
 from seg.losses import LossOutput
 
@@ -302,13 +291,20 @@ def test_rng_state_round_trips_through_weights_only_load() -> None:
 
 
 # ------------------------------------------------------------------------- run helpers
+def _settings_cfg(**trainer: object) -> DictConfig:
+    base = {"max_iters": 10, "eval_interval": 5, "ckpt_interval": 5, "log_interval": 1}
+    return OmegaConf.create(
+        {"trainer": {**base, "device": "cpu", **trainer}, "loader": {"batch_size": 2}}
+    )
+
+
 def test_trainer_settings_reject_bad_intervals() -> None:
-    good = {"max_iters": 10, "eval_interval": 5, "ckpt_interval": 5, "log_interval": 1}
-    TrainerSettings(**good)
+    settings = parse_settings(_settings_cfg())
+    assert (settings.max_iters, settings.eval_interval, settings.batch_per_rank) == (10, 5, 2)
     with pytest.raises(ConfigError, match=r"trainer\.eval_interval must be >= 1, got 0"):
-        TrainerSettings(**{**good, "eval_interval": 0})
+        parse_settings(_settings_cfg(eval_interval=0))
     with pytest.raises(ConfigError, match=r"trainer\.max_nonfinite_steps"):
-        TrainerSettings(**good, max_nonfinite_steps=0)
+        parse_settings(_settings_cfg(max_nonfinite_steps=0))
 
 
 def test_per_rank_batch() -> None:

@@ -14,11 +14,12 @@ import tempfile
 import time
 from pathlib import Path
 
-from seg.bench.timing import BenchOptions, Section, markdown_table
+from seg.bench.timing import BenchOptions, Section
 from seg.data.cityscapes import CityscapesDataset
 from seg.data.loader import build_train_loader
 from seg.data.synthcity import SynthCityParams, write_dataset
 from seg.data.transforms import build_train_transform
+from seg.tables import markdown_table
 
 WORKER_COUNTS = (0, 1, 2)
 

@@ -19,8 +19,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from seg.bench.timing import BenchOptions, Section, markdown_table, ratio, time_side_by_side
+from seg.bench.timing import BenchOptions, Section, ratio, time_side_by_side
 from seg.losses import CrossEntropyLoss, FocalLoss, OhemCELoss
+from seg.tables import markdown_table
 
 FULL_SHAPE = (8, 19, 512, 512)  # N, C, H, W
 QUICK_SHAPE = (2, 19, 64, 128)

@@ -21,9 +21,10 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from seg.bench.timing import BenchOptions, Section, Timing, markdown_table, time_side_by_side
+from seg.bench.timing import BenchOptions, Section, Timing, time_side_by_side
 from seg.models.bisenetv2 import BiSeNetV2
-from seg.models.flops import count_conv_flops, count_parameters
+from seg.models.flops import count_flops, count_parameters
+from seg.tables import markdown_table
 
 NUM_CLASSES = 19  # Cityscapes, the setting of the published reference figures
 FULL_SIZES = ((512, 1024), (1024, 2048))
@@ -114,15 +115,14 @@ def _count_rows() -> tuple[list[list[object]], list[dict[str, object]]]:
     ]
     references = {(512, 1024): "49.2 G", (1024, 2048): "196.8 G"}
     for height, width in FLOP_SIZES:
-        flops = count_conv_flops(without_aux, (1, 3, height, width))
+        flops = count_flops(without_aux, (1, 3, height, width))
+        size = f"1x3x{height}x{width}, eval"
         rows.append(
-            [
-                f"conv FLOPs 1x3x{height}x{width}, eval",
-                f"{flops / 1e9:.1f} G",
-                references[(height, width)],
-            ]
+            [f"FLOPs (2 x MACs) {size}", f"{flops / 1e9:.1f} G", references[(height, width)]]
         )
-        records.append({"metric": "conv_flops", "size": [1, 3, height, width], "value": flops})
+        rows.append([f"MACs ('FLOPs' in most papers) {size}", f"{flops / 2e9:.1f} G", "-"])
+        records.append({"metric": "flops", "size": [1, 3, height, width], "value": flops})
+        records.append({"metric": "macs", "size": [1, 3, height, width], "value": flops // 2})
     return rows, records
 
 

@@ -1,30 +1,35 @@
 """Benchmark orchestration: run sections, describe the machine, write results.json/.md.
 
 ``tools/benchmark.py`` only parses arguments and calls ``run_benchmark``. Each section is
-a module ``seg.bench.<name>`` exposing ``run(options: BenchOptions) -> Section``; a
-section whose module does not exist (yet) is skipped with a note.
+a module ``seg.bench.<name>`` exposing ``run(options: BenchOptions) -> Section``, listed in
+:data:`SECTIONS`.
 """
 
 from __future__ import annotations
 
 import datetime as dt
-import importlib
 import json
 import os
 import platform
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from seg import dist
+from seg.bench import loader, loss, model, train_step
 from seg.bench.timing import BenchOptions, Section
 from seg.errors import ConfigError
 from seg.fileio import write_text_atomic
 
-#: Known sections, in the order they run.
-SECTIONS = ("model", "loss", "loader", "train_step")
+#: The sections, in the order they run: name -> its ``run(options) -> Section``.
+SECTIONS: dict[str, Callable[[BenchOptions], Section]] = {
+    "model": model.run,
+    "loss": loss.run,
+    "loader": loader.run,
+    "train_step": train_step.run,
+}
 
 
 def parse_sections(text: str) -> list[str]:
@@ -67,28 +72,16 @@ def describe_machine(device: str) -> dict[str, Any]:
     return info
 
 
-def run_sections(names: Sequence[str], options: BenchOptions) -> tuple[list[Section], list[str]]:
-    """Run each named section; returns the sections and notes about the ones not run."""
+def run_sections(names: Sequence[str], options: BenchOptions) -> list[Section]:
+    """Run each named section in turn."""
     sections: list[Section] = []
-    notes: list[str] = []
     for name in names:
-        module_name = f"seg.bench.{name}"
-        try:
-            module = importlib.import_module(module_name)
-        except ModuleNotFoundError as error:
-            if error.name != module_name:  # a real import error inside the section
-                raise
-            notes.append(f"section {name!r} skipped: {module_name} does not exist yet")
-            print(notes[-1], flush=True)
-            continue
         print(f"running section {name!r} ...", flush=True)
-        sections.append(module.run(options))
-    return sections, notes
+        sections.append(SECTIONS[name](options))
+    return sections
 
 
-def render_markdown(
-    machine: dict[str, Any], sections: Sequence[Section], notes: Sequence[str]
-) -> str:
+def render_markdown(machine: dict[str, Any], sections: Sequence[Section]) -> str:
     """The human-readable report: machine, then each section with what it skipped."""
     lines = ["# Benchmark results", ""]
     lines += [f"- {key}: {value}" for key, value in machine.items() if value is not None]
@@ -96,14 +89,10 @@ def render_markdown(
         lines += ["", f"## {section.title}", "", section.markdown]
         if section.skipped:
             lines += ["", "Skipped:"] + [f"- {reason}" for reason in section.skipped]
-    if notes:
-        lines += ["", "## Not run", ""] + [f"- {note}" for note in notes]
     return "\n".join(lines) + "\n"
 
 
-def write_results(
-    out_dir: Path, machine: dict[str, Any], sections: Sequence[Section], notes: Sequence[str]
-) -> str:
+def write_results(out_dir: Path, machine: dict[str, Any], sections: Sequence[Section]) -> str:
     """Write ``results.json`` and ``results.md`` into ``out_dir``; returns the markdown."""
     out_dir.mkdir(parents=True, exist_ok=True)
     payload = {
@@ -117,10 +106,9 @@ def write_results(
             }
             for s in sections
         ],
-        "notes": list(notes),
     }
     write_text_atomic(out_dir / "results.json", json.dumps(payload, indent=2, default=str) + "\n")
-    markdown = render_markdown(machine, sections, notes)
+    markdown = render_markdown(machine, sections)
     write_text_atomic(out_dir / "results.md", markdown)
     return markdown
 
@@ -141,6 +129,6 @@ def run_benchmark(
             "no CUDA device used: running the CPU subset (GPU-only variants are listed as skipped)",
             flush=True,
         )
-    done, notes = run_sections(sections, options)
+    done = run_sections(sections, options)
     out_dir = out_dir if out_dir is not None else default_out_dir()
-    return write_results(out_dir, machine, done, notes), out_dir
+    return write_results(out_dir, machine, done), out_dir

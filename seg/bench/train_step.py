@@ -1,6 +1,6 @@
 """Training-step benchmark: images/s and peak memory of the trainer's own step.
 
-Every variant runs ``seg.engine.trainer.TrainStep`` (uint8 batch to the device, normalise
+Every variant runs ``seg.engine.step.TrainStep`` (uint8 batch to the device, normalise
 there, forward, five-head loss, backward, SGD, LR schedule) on the same synthetic batch,
 timed side by side (interleaved) in one run:
 
@@ -27,14 +27,15 @@ from typing import Any
 import torch
 from torch import nn
 
-from seg.bench.timing import BenchOptions, Section, markdown_table, synchronize, time_side_by_side
+from seg.bench.timing import BenchOptions, Section, synchronize, time_side_by_side
 from seg.engine.amp import build_grad_scaler, resolve_amp
+from seg.engine.build import use_channels_last, use_cudnn_benchmark
 from seg.engine.optim import build_sgd
 from seg.engine.schedule import WarmupPolyLR
-from seg.engine.train_run import use_channels_last, use_cudnn_benchmark
-from seg.engine.trainer import TrainStep
+from seg.engine.step import TrainStep
 from seg.losses import CrossEntropyLoss, MultiHeadLoss, OhemCELoss
 from seg.models.bisenetv2 import BiSeNetV2
+from seg.tables import markdown_table
 
 NUM_CLASSES = 19
 HEADS = ("main", "aux2", "aux3", "aux4", "aux5_4")

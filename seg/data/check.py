@@ -22,10 +22,10 @@ from hydra import compose, initialize_config_dir
 from hydra.errors import HydraException
 from omegaconf import DictConfig
 
-from seg.bench.timing import markdown_table
+from seg.tables import markdown_table
 from seg.data.folder import PairedDataset
-from seg.data.loader import build_dataset
-from seg.errors import ConfigError, DatasetError, SegError
+from seg.data.build import build_dataset
+from seg.errors import ConfigError, DatasetError, SegError, first_line
 
 CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
 
@@ -44,7 +44,7 @@ def compose_dataset_config(overrides: Sequence[str], default: str = "synthcity")
         with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
             return compose(config_name=None, overrides=[f"+dataset={name}", *rest])
     except HydraException as error:  # a typo in an override: one line, not a traceback
-        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        first = first_line(error)
         raise ConfigError(f"bad override in {' '.join(overrides)!r}: {first}") from None
 
 

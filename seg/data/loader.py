@@ -28,14 +28,6 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from seg.errors import ConfigError, SegError
 
 
-def build_dataset(node, **overrides) -> Dataset:
-    """``instantiate(node, **overrides)``: a ``DatasetError`` (missing root, image without a
-    label) reaches the user as its own one-line message (see ``seg.instantiate``)."""
-    from seg.instantiate import build
-
-    return build(node, "dataset", **overrides)
-
-
 def sample_seed(seed: int, position: int) -> int:
     """32-bit augmentation seed of the sample at global ``position`` of run ``seed``."""
     return int(np.random.SeedSequence([seed, position]).generate_state(1)[0])

@@ -1,9 +1,11 @@
-"""Mixed-precision settings for training: which autocast dtype, and whether a GradScaler.
+"""Mixed precision: the one vocabulary of AMP settings, for training and inference alike.
 
-``trainer.amp`` takes ``fp16``, ``bf16`` or ``off``:
+``trainer.amp``, ``eval.amp`` and the prediction tool's ``amp`` take ``fp16``, ``bf16`` or
+``off`` (YAML reads a bare ``off`` as false, so ``false``/``null`` mean ``off`` too, and
+``true`` means the device's usual half precision: fp16 on CUDA, bf16 elsewhere):
 
-- CUDA + ``fp16``: autocast to float16 and a GradScaler (float16 gradients underflow
-  without loss scaling).
+- CUDA + ``fp16``: autocast to float16, and in training a GradScaler (float16 gradients
+  underflow without loss scaling).
 - CUDA + ``bf16``: autocast to bfloat16, no scaler (bfloat16 has float32's range).
 - CPU + ``fp16``: plain float32 (CPU float16 kernels are slow and gain nothing); the
   fallback is logged.
@@ -16,6 +18,7 @@ from __future__ import annotations
 import logging
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -24,6 +27,7 @@ from seg.errors import ConfigError
 logger = logging.getLogger(__name__)
 
 AMP_CHOICES = ("fp16", "bf16", "off")
+_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "off": None}
 
 
 @dataclass(frozen=True)
@@ -31,10 +35,10 @@ class AmpSettings:
     """Resolved mixed-precision settings for one device.
 
     Attributes:
-        requested: the ``trainer.amp`` value as given.
+        requested: the setting as given (``fp16``, ``bf16`` or ``off``).
         device_type: ``"cuda"`` or ``"cpu"``.
         dtype: autocast dtype, or None for float32 (no autocast).
-        use_scaler: True only for float16 on CUDA.
+        use_scaler: True only for float16 on CUDA (read by the training step).
     """
 
     requested: str
@@ -48,28 +52,36 @@ class AmpSettings:
         return {torch.float16: "fp16", torch.bfloat16: "bf16", None: "fp32"}[self.dtype]
 
 
-def resolve_amp(requested: str, device: torch.device | str) -> AmpSettings:
-    """Turn ``trainer.amp`` into the settings that apply on ``device``.
+def amp_choice(value: Any, device_type: str, key: str) -> str:
+    """``value`` as one of :data:`AMP_CHOICES` (bools and None accepted, see the module doc).
 
     Raises:
-        ConfigError: ``requested`` is not one of ``fp16``, ``bf16``, ``off``.
+        ConfigError: naming ``key`` for anything else.
     """
-    requested = str(requested)
-    if requested not in AMP_CHOICES:
-        raise ConfigError(f"trainer.amp must be one of {list(AMP_CHOICES)}, got {requested!r}")
+    if value is None or value is False:
+        return "off"
+    if value is True:
+        return "fp16" if device_type == "cuda" else "bf16"
+    if str(value) not in AMP_CHOICES:
+        raise ConfigError(
+            f"{key} must be one of {list(AMP_CHOICES)} (or true/false), got {value!r}"
+        )
+    return str(value)
+
+
+def resolve_amp(value: Any, device: torch.device | str, key: str = "trainer.amp") -> AmpSettings:
+    """Turn an AMP setting into what applies on ``device``; ``key`` names it in errors."""
     device_type = torch.device(device).type
-    if requested == "off":
-        return AmpSettings(requested, device_type, None, False)
-    if requested == "bf16":
-        return AmpSettings(requested, device_type, torch.bfloat16, False)
-    if device_type == "cuda":
-        return AmpSettings(requested, device_type, torch.float16, True)
-    logger.info("trainer.amp=fp16 applies to CUDA only; training on %s in float32", device_type)
-    return AmpSettings(requested, device_type, None, False)
+    choice = amp_choice(value, device_type, key)
+    dtype = _DTYPES[choice]
+    if choice == "fp16" and device_type != "cuda":
+        logger.info("%s=fp16 applies to CUDA only; running on %s in float32", key, device_type)
+        dtype = None
+    return AmpSettings(choice, device_type, dtype, dtype is torch.float16)
 
 
 def autocast(settings: AmpSettings) -> AbstractContextManager:
-    """The autocast context for the forward pass and loss (a no-op for float32)."""
+    """The autocast context for forward passes (and the loss); a no-op for float32."""
     if settings.dtype is None:
         return nullcontext()
     return torch.autocast(device_type=settings.device_type, dtype=settings.dtype)

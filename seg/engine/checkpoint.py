@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from seg.errors import CheckpointError
+from seg.errors import CheckpointError, first_line
 from seg.fileio import atomic_write
 
 CHECKPOINT_KEYS = (
@@ -38,11 +38,6 @@ EVAL_KEYS = ("model", "config")
 def save_checkpoint(path: str | os.PathLike[str], payload: Mapping[str, Any]) -> None:
     """Save ``payload`` (a checkpoint dict) to ``path`` atomically and durably (fsynced)."""
     atomic_write(path, lambda file: torch.save(dict(payload), file), durable=True)
-
-
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip().splitlines()
-    return f"{type(error).__name__}: {text[0]}" if text else type(error).__name__
 
 
 def load_checkpoint(
@@ -67,7 +62,9 @@ def load_checkpoint(
         with path.open("rb") as file:
             head = file.read(4)
     except OSError as error:
-        raise CheckpointError(f"cannot read checkpoint {path}: {_first_line(error)}") from None
+        raise CheckpointError(
+            f"cannot read checkpoint {path}: {first_line(error, with_type=True)}"
+        ) from None
     if not head:
         raise CheckpointError(f"checkpoint {path} is empty")
     if not zipfile.is_zipfile(path):
@@ -91,7 +88,7 @@ def load_checkpoint(
             + (f" ({detail[:160]})" if detail else "")
         ) from None
     except Exception as error:
-        message = _first_line(error)
+        message = first_line(error, with_type=True)
         if "PytorchStreamReader" in message or isinstance(error, EOFError):
             raise CheckpointError(
                 f"checkpoint {path} is truncated or corrupt ({message[:160]})"

@@ -21,7 +21,6 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import cv2
 import numpy as np
 import torch
 from cityscapesscripts.helpers.labels import labels as cityscapes_labels
@@ -30,17 +29,17 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import HydraException
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
-from torch import nn
 
 from seg import dist
 from seg.data.loader import build_eval_loader
 from seg.engine.checkpoint import load_checkpoint
 from seg.engine.evaluator import Evaluator
-from seg.errors import CheckpointError, ConfigError, SegError
+from seg.engine.load import load_inference_model
+from seg.errors import CheckpointError, ConfigError, SegError, first_line
 from seg.fileio import write_png, write_text_atomic
 from seg.instantiate import build
 from seg.metrics import format_metrics_table
-from seg.models.weights import strip_wrapper_prefixes
+from seg.visualize import overlay
 
 CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
 TOOL_KEYS = ("ckpt", "out", "save_pred", "device", "progress")
@@ -99,7 +98,7 @@ def compose_tool_config(tool_overrides: Sequence[str]) -> DictConfig:
         with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
             return compose(config_name="eval", overrides=list(tool_overrides))
     except (HydraException, OmegaConfBaseException) as error:
-        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        first = first_line(error)
         raise ConfigError(f"bad eval.py arguments {list(tool_overrides)}: {first}") from None
 
 
@@ -146,35 +145,7 @@ def build_eval_config(
     return cfg
 
 
-# -------------------------------------------------------------------------- model loading
-def build_model(cfg: DictConfig, state: Mapping[str, torch.Tensor], ckpt_path: Path) -> nn.Module:
-    """Instantiate ``cfg.model`` without pretrained weights and load ``state`` strictly."""
-    model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
-    assert isinstance(model_cfg, dict)
-    if "weights" in model_cfg:
-        model_cfg["weights"] = None  # the checkpoint holds every weight
-    model = build(model_cfg, "model from the checkpoint's config")
-    try:
-        result = model.load_state_dict(strip_wrapper_prefixes(state), strict=False)
-    except RuntimeError as error:  # shape mismatches, e.g. a head with another class count
-        lines = [line.strip() for line in str(error).splitlines() if "size mismatch" in line]
-        detail = lines[0] if lines else str(error).strip().splitlines()[0]
-        more = f" (+{len(lines) - 1} more)" if len(lines) > 1 else ""
-        raise CheckpointError(
-            f"checkpoint {ckpt_path}: weights do not fit model {model_cfg.get('_target_')}: "
-            f"{detail}{more}"
-        ) from None
-    problems = [f"missing {k}" for k in result.missing_keys]
-    problems += [f"unexpected {k}" for k in result.unexpected_keys]
-    if problems:
-        more = f" (+{len(problems) - 3} more)" if len(problems) > 3 else ""
-        raise CheckpointError(
-            f"checkpoint {ckpt_path}: weights do not fit model {model_cfg.get('_target_')}: "
-            f"{', '.join(problems[:3])}{more}"
-        )
-    return model
-
-
+# ------------------------------------------------------------------------- checks
 def check_num_classes(cfg: DictConfig, dataset: object, ckpt_path: Path) -> None:
     """One-line error when the checkpoint's model and the dataset count classes differently."""
     model_classes = _select(cfg, "model.num_classes")
@@ -249,14 +220,9 @@ class PredictionWriter:
             if self.kind == "labelIds":
                 write_png(self.folder / f"{stem}_labelIds.png", mapped)
             else:
-                image = batch["image"][i].numpy()
-                overlay = (0.5 * image + 0.5 * mapped).round().astype(np.uint8)
-                write_png(
-                    self.folder / f"{stem}_color.png", cv2.cvtColor(mapped, cv2.COLOR_RGB2BGR)
-                )
-                write_png(
-                    self.folder / f"{stem}_overlay.png", cv2.cvtColor(overlay, cv2.COLOR_RGB2BGR)
-                )
+                blended = overlay(batch["image"][i].numpy(), mapped, alpha=0.5)
+                write_png(self.folder / f"{stem}_color.png", mapped[..., ::-1])  # RGB -> BGR
+                write_png(self.folder / f"{stem}_overlay.png", blended[..., ::-1])
             self.count += 1
 
 
@@ -321,7 +287,9 @@ def run_eval(tool_cfg: DictConfig, overrides: Mapping[str, Any]) -> dict[str, An
         # Evaluation images share one size per dataset (or one per scale / window), so cuDNN's
         # per-shape algorithm timing pays back, as in training.
         torch.backends.cudnn.benchmark = device.type == "cuda"
-        model = build_model(cfg, checkpoint["model"], ckpt_path).to(device)
+        config = OmegaConf.to_container(cfg, resolve=True)
+        assert isinstance(config, dict)
+        net = load_inference_model(ckpt_path, device, checkpoint=checkpoint, config=config)
         dataset = build(cfg.dataset.val, "dataset")
         check_num_classes(cfg, dataset, ckpt_path)
         evaluator: Evaluator = build(cfg.eval, "evaluator")
@@ -344,7 +312,7 @@ def run_eval(tool_cfg: DictConfig, overrides: Mapping[str, Any]) -> dict[str, An
                 _select(cfg, "dataset.palette"),
             )
         metrics = evaluator.evaluate(
-            model,
+            net.model,
             loader,
             device,
             progress=bool(tool_cfg.get("progress", True)),

@@ -15,7 +15,8 @@ from tqdm import tqdm
 
 from seg import dist
 from seg.data.batch import batch_to_device
-from seg.engine.inference import AMP_MODES, INFERENCE_MODES, autocast_context, predict_probs
+from seg.engine.amp import AmpSettings, amp_choice, autocast, resolve_amp
+from seg.engine.inference import INFERENCE_MODES, predict_probs
 from seg.errors import ConfigError
 from seg.metrics import ConfusionMatrix
 
@@ -66,12 +67,9 @@ class Evaluator:
         class_names: Sequence[str] | None = None,
         batch_size: int = 1,
     ) -> None:
-        if amp is False or amp is None:
-            amp = "off"  # YAML 1.1 reads an unquoted `off` as False
         if mode not in INFERENCE_MODES:
             raise ConfigError(f"eval.mode must be one of {list(INFERENCE_MODES)}, got {mode!r}")
-        if amp not in AMP_MODES:
-            raise ConfigError(f"eval.amp must be one of {sorted(AMP_MODES)}, got {amp!r}")
+        amp_choice(amp, "cuda", "eval.amp")  # validated here, resolved per device in evaluate()
         scales = [float(s) for s in scales]
         if not scales or min(scales) <= 0:
             raise ConfigError(f"eval.scales must be a non-empty list of positive floats: {scales}")
@@ -100,15 +98,23 @@ class Evaluator:
         self.mode = mode
         self.scales = scales
         self.flip = bool(flip)
-        self.amp = amp
+        self.amp = "off" if amp is None or amp is False else amp
         self.class_names = list(class_names) if class_names is not None else None
         self.batch_size = int(batch_size)
 
     def predict(
-        self, model: nn.Module, images: torch.Tensor, out_size: Sequence[int]
+        self,
+        model: nn.Module,
+        images: torch.Tensor,
+        out_size: Sequence[int],
+        amp: AmpSettings | None = None,
     ) -> torch.Tensor:
-        """Class probabilities N x C x H x W at ``out_size`` for normalised images N x 3 x h x w."""
-        with autocast_context(images.device, self.amp):
+        """Class probabilities N x C x H x W at ``out_size`` for normalised images N x 3 x h x w.
+
+        ``amp``: the resolved ``eval.amp`` for the images' device (resolved here when None).
+        """
+        amp = amp if amp is not None else resolve_amp(self.amp, images.device, "eval.amp")
+        with autocast(amp):
             return predict_probs(
                 model,
                 images,
@@ -144,6 +150,7 @@ class Evaluator:
         net = model.module if isinstance(model, DistributedDataParallel) else model
         was_training = net.training
         net.eval()
+        amp = resolve_amp(self.amp, device, "eval.amp")
         matrix = ConfusionMatrix(self.num_classes, self.ignore_index, device=device)
         batches = tqdm(loader, desc="eval", unit="batch", disable=not (progress and dist.is_main()))
         try:
@@ -152,7 +159,7 @@ class Evaluator:
                     images, labels = batch_to_device(batch, device, self.mean, self.std)
                     if labels is None:
                         raise ValueError("evaluation batches need a 'label' entry")
-                    probs = self.predict(net, images, labels.shape[-2:])
+                    probs = self.predict(net, images, labels.shape[-2:], amp)
                     pred = probs.argmax(dim=1)
                     matrix.update(pred, labels)
                     if on_prediction is not None:

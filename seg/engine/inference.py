@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from contextlib import AbstractContextManager, nullcontext
 
 import torch
 import torch.nn.functional as F
@@ -19,7 +18,6 @@ from torch import nn
 from seg.errors import ConfigError
 
 INFERENCE_MODES = ("whole", "slide")
-AMP_MODES = {"off": None, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 def main_logits(output: torch.Tensor | dict[str, torch.Tensor]) -> torch.Tensor:
@@ -27,16 +25,6 @@ def main_logits(output: torch.Tensor | dict[str, torch.Tensor]) -> torch.Tensor:
     if isinstance(output, dict):
         return output["main"]
     return output
-
-
-def autocast_context(device: torch.device, amp: str) -> AbstractContextManager:
-    """Autocast for ``amp`` in {"off", "fp16", "bf16"} on ``device`` ("off": no autocast)."""
-    if amp not in AMP_MODES:
-        raise ConfigError(f"eval.amp must be one of {sorted(AMP_MODES)}, got {amp!r}")
-    dtype = AMP_MODES[amp]
-    if dtype is None:
-        return nullcontext()
-    return torch.autocast(device_type=device.type, dtype=dtype)
 
 
 def forward_padded(model: nn.Module, images: torch.Tensor, multiple: int = 32) -> torch.Tensor:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -24,49 +25,44 @@ from typing import Any
 
 import numpy as np
 from tqdm import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
 
 from seg.visualize import colorize
 
+logger = logging.getLogger("seg.train")
+
 #: Images shown in TensorBoard are shrunk (nearest) to at most this height.
 MAX_PANEL_HEIGHT = 256
-_OWNED = "_seg_train_handler"  # marks the handlers this module adds (removed on exit)
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
-
-
-class TqdmHandler(logging.StreamHandler):
-    """Console handler that prints through ``tqdm.write`` so that the bar stays intact."""
-
-    def emit(self, record: logging.LogRecord) -> None:
-        try:
-            tqdm.write(self.format(record))
-        except Exception:
-            self.handleError(record)
 
 
 @contextmanager
 def run_logging(log_file: Path | None, is_main: bool) -> Iterator[logging.Logger]:
-    """Send the ``seg.*`` loggers' records to the console (through tqdm) and, on rank 0, to
-    ``log_file``.
+    """Send the ``seg.*`` loggers' records to the console and, on rank 0, to ``log_file``.
 
-    The ``seg`` logger gets the handlers for the duration of the block; they are removed and
-    closed afterwards, so several runs in one process (tests) do not pile up handlers.
-    Ranks other than 0 show warnings and errors only.
+    Console lines go through ``tqdm.write`` (tqdm's ``logging_redirect_tqdm``) so that
+    progress bars stay intact. The ``seg`` logger gets the handlers for the duration of the
+    block; they are removed and closed afterwards, so several runs in one process (tests)
+    do not pile up handlers. Rank 0 shows INFO (DEBUG where ``hydra.verbose`` asked for it:
+    a level set on a logger is kept); other ranks show warnings and errors only.
     """
     root = logging.getLogger("seg")
-    handlers: list[logging.Handler] = [TqdmHandler()]
+    handlers: list[logging.Handler] = [logging.StreamHandler()]
     if is_main and log_file is not None:
         log_file.parent.mkdir(parents=True, exist_ok=True)
         handlers.append(logging.FileHandler(log_file, encoding="utf-8"))
     old_level, old_propagate = root.level, root.propagate
     for handler in handlers:
         handler.setFormatter(logging.Formatter(LOG_FORMAT, datefmt="%Y-%m-%d %H:%M:%S"))
-        handler.setLevel(logging.INFO if is_main else logging.WARNING)
-        setattr(handler, _OWNED, True)
         root.addHandler(handler)
-    root.setLevel(logging.INFO)
+    if not is_main:
+        root.setLevel(logging.WARNING)
+    elif root.getEffectiveLevel() > logging.INFO:
+        root.setLevel(logging.INFO)
     root.propagate = False  # Hydra's console handler on the root logger would repeat each line
     try:
-        yield logging.getLogger("seg.train")
+        with logging_redirect_tqdm(loggers=[root]):
+            yield logging.getLogger("seg.train")
     finally:
         for handler in handlers:
             root.removeHandler(handler)
@@ -175,3 +171,116 @@ class TensorBoardLog:
         if self.writer is not None:
             self.writer.close()
             self.writer = None
+
+
+class PanelCollector:
+    """An evaluation ``on_prediction`` sink keeping the first ``limit`` panels
+    (input | ground truth | prediction) for TensorBoard."""
+
+    def __init__(self, limit: int, palette: Sequence[Sequence[int]]) -> None:
+        self.limit, self.palette = limit, palette
+        self.panels: list[np.ndarray] = []
+
+    def __call__(self, batch: Mapping[str, Any], pred: Any) -> None:
+        if len(self.panels) >= self.limit:
+            return
+        preds = pred.to("cpu").numpy()
+        for i in range(min(len(preds), self.limit - len(self.panels))):
+            image, label = batch["image"][i].numpy(), batch["label"][i].numpy()
+            self.panels.append(label_panel(image, label, preds[i], self.palette))
+
+
+class RunLog:
+    """What a training run reports, kept out of the loop: the bar, train.log, TensorBoard.
+
+    Only rank 0 writes (``is_main``); elsewhere every method is a cheap no-op apart from
+    the bar, which is disabled.
+
+    Args:
+        run_dir: TensorBoard events go to ``run_dir/tb``.
+        max_iters, start: the bar's total and starting position.
+        global_batch: images per iteration over all ranks (for images/s).
+        class_names, palette: per-class IoU tags and coloured panels.
+        hparams: the flat summary for TensorBoard's HPARAMS tab.
+        is_main: rank 0.
+    """
+
+    def __init__(
+        self,
+        run_dir: Path,
+        *,
+        max_iters: int,
+        start: int,
+        global_batch: int,
+        class_names: Sequence[str],
+        palette: Sequence[Sequence[int]],
+        hparams: Mapping[str, Any],
+        is_main: bool,
+    ) -> None:
+        self.max_iters, self.global_batch = max_iters, global_batch
+        self.class_names, self.palette = list(class_names), [list(c) for c in palette]
+        self.hparams, self.is_main = dict(hparams), is_main
+        self.tb = TensorBoardLog(run_dir / "tb" if is_main else None)
+        self.bar = progress_bar(max_iters, start, is_main)
+        self.restart_clock(start)
+
+    def restart_clock(self, iteration: int) -> None:
+        """Measure images/s from here (after an evaluation or a checkpoint, which are not training)."""
+        self._clock, self._clock_iter = time.perf_counter(), iteration
+
+    def step(self) -> None:
+        self.bar.update(1)
+
+    def train(self, iteration: int, values: dict[str, float], lr: float) -> None:
+        """Report the means since the last call (``RunningStats.flush``) at ``iteration``."""
+        elapsed = max(time.perf_counter() - self._clock, 1e-9)
+        speed = (iteration - self._clock_iter) * self.global_batch / elapsed
+        self.restart_clock(iteration)
+        values = {**values, "lr": lr, "images_per_s": speed}
+        self.tb.scalars(
+            {k: v for k, v in values.items() if k != "max_nonfinite_streak"},
+            iteration,
+            prefix="train/",
+        )
+        self.bar.set_postfix(loss=f"{values['loss']:.4f}", lr=f"{lr:.2e}", img_s=f"{speed:.1f}")
+        heads = " ".join(
+            f"{k.removeprefix('loss/')} {v:.3f}" for k, v in values.items() if k.startswith("loss/")
+        )
+        eta = (self.max_iters - iteration) * self.global_batch / max(speed, 1e-9)
+        logger.info(
+            "iter %d/%d | loss %.4f (%s) | lr %.3e | %.1f img/s | eta %s | non-finite %d",
+            iteration,
+            self.max_iters,
+            values["loss"],
+            heads,
+            lr,
+            speed,
+            format_duration(eta),
+            int(values["nonfinite_steps"]),
+        )
+
+    def panel_collector(self, limit: int) -> PanelCollector:
+        """A sink for the evaluation's predictions (collects nothing on ranks > 0)."""
+        return PanelCollector(limit if self.is_main else 0, self.palette)
+
+    def evaluation(
+        self, iteration: int, metrics: Mapping[str, Any], panels: Sequence[np.ndarray]
+    ) -> None:
+        """``val/*`` scalars, per-class IoU, panels, and the log line."""
+        self.tb.evaluation(metrics, self.class_names, iteration)
+        self.tb.panels(panels, iteration)
+        self.tb.flush()
+        logger.info(
+            "eval at iter %d | mIoU %.2f | mAcc %.2f | aAcc %.2f",
+            iteration,
+            100 * float(metrics["mIoU"]),
+            100 * float(metrics["mAcc"]),
+            100 * float(metrics["aAcc"]),
+        )
+
+    def close(self, final_metrics: Mapping[str, float] | None) -> None:
+        """Close the bar and TensorBoard; ``final_metrics`` go to the HPARAMS tab."""
+        self.bar.close()
+        if final_metrics:
+            self.tb.hparams(self.hparams, final_metrics)
+        self.tb.close()

@@ -2,10 +2,10 @@
 
 Norm-layer parameters (BatchNorm scale/shift, and the like) and every bias get no weight
 decay: decaying them towards zero only fights the normalisation (CoinCheung/BiSeNet's
-recipe; DESIGN.md). ``impl="auto"`` picks the fused SGD kernel where PyTorch has one for
+recipe). ``impl="auto"`` picks the fused SGD kernel where PyTorch has one for
 the parameters' device (CUDA and CPU), else the multi-tensor ``foreach`` version. The
 fused kernel also lets the trainer skip a step on the device (``found_inf``) without a
-host-device sync; see ``seg.engine.trainer``.
+host-device sync; see ``seg.engine.step``.
 """
 
 from __future__ import annotations

@@ -1,82 +1,174 @@
-"""The logic behind ``tools/train.py``: build everything from the config, then train.
+"""The training run behind ``tools/train.py``: from a config to a finished run folder.
+
+One path, top to bottom: find the run folder and the checkpoint to resume, check the
+settings and open the datasets (a bad value or a missing dataset stops here, before
+anything is written), then with ``train.log`` open: build the parts
+(``seg.engine.build``), restore the checkpoint (``seg.engine.state``) and train
+(``seg.engine.loop``).
 
 Run directory: Hydra's ``outputs/<experiment_name>/<timestamp>/`` (``hydra.run.dir`` in
 ``configs/train.yaml``) holding ``.hydra/``, ``train.log``, ``tb/`` and ``checkpoints/``.
-
-Resuming (``resume=...``):
-
-- ``resume=PATH``: continue from that checkpoint;
-- ``resume=auto``: continue from the newest ``checkpoints/last.pt`` (by modification time)
-  among the sibling run folders, i.e. ``outputs/<experiment_name>/*/checkpoints/last.pt``;
-  with none there, training starts afresh.
-
 A resumed run keeps writing into the run folder of the checkpoint it resumed (so
 TensorBoard curves and ``train.log`` continue); the new timestamped folder only holds the
-``.hydra/`` record of the resuming command.
+``.hydra/`` record of the resuming command. Resume options: ``seg.engine.state``.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import shutil
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed
-from omegaconf import DictConfig, OmegaConf
-from torch import nn
-from torch.nn.parallel import DistributedDataParallel
+from omegaconf import DictConfig
 
 from seg import dist
-from seg.data.loader import build_eval_loader, build_train_loader
-from seg.engine.amp import build_grad_scaler, resolve_amp
+from seg.engine.build import TrainParts, build_datasets, build_parts, parse_settings
 from seg.engine.checkpoint import CHECKPOINT_KEYS, load_checkpoint
-from seg.engine.logging import run_logging
-from seg.engine.trainer import (
-    Callback,
-    Trainer,
-    TrainerSettings,
-    TrainResult,
-    TrainStep,
-    seed_everything,
-)
-from seg.errors import ConfigError, DatasetError
-from seg.instantiate import build
+from seg.engine.logging import RunLog, run_logging
+from seg.engine.loop import fit
+from seg.engine.state import TrainState, resolve_resume, restore, seed_everything
+from seg.errors import ConfigError
 
 logger = logging.getLogger("seg.train")
 
 
-# ------------------------------------------------------------------------------ helpers
-def build_dataset(cfg: DictConfig, split_key: str) -> Any:
-    """``instantiate(cfg.dataset.<split_key>)``; a missing dataset names where it was
-    expected and how to point ``dataset.root`` elsewhere, in one line."""
+@dataclass
+class TrainResult:
+    """What :func:`run` returns (on every rank): where the run is and how it ended."""
+
+    run_dir: Path
+    iteration: int
+    metrics: dict[str, Any] = field(default_factory=dict)
+    best_miou: float = -math.inf
+    stopped_by: str | None = None  # "SIGINT"/"SIGTERM"/"peer" when interrupted
+
+
+def run(cfg: DictConfig, run_dir: Path | None = None) -> TrainResult:
+    """Train as ``cfg`` says. ``run_dir`` defaults to Hydra's output folder.
+
+    Joins the torchrun process group when launched by torchrun (and leaves it at the end).
+    """
+    joined = not dist.is_distributed() and dist.init_distributed()
     try:
-        return build(cfg.dataset[split_key], f"{split_key} dataset")
-    except DatasetError as error:
-        message = str(error)
-        if "dataset.root" not in message:
-            message += f"; set dataset.root=PATH to your copy (now dataset.root={cfg.dataset.root})"
-        raise DatasetError(message) from None
+        return _run(cfg, run_dir)
+    finally:
+        if joined:
+            dist.cleanup()
 
 
-def find_auto_resume(run_dir: Path) -> Path | None:
-    """Newest ``*/checkpoints/last.pt`` among ``run_dir``'s siblings (``outputs/<experiment>/*``)."""
-    candidates = [p for p in run_dir.parent.glob("*/checkpoints/last.pt") if p.is_file()]
-    return max(candidates, key=lambda p: p.stat().st_mtime) if candidates else None
+def _run(cfg: DictConfig, run_dir: Path | None) -> TrainResult:
+    own_dir = Path(run_dir) if run_dir is not None else hydra_run_dir()
+    main_dir = Path(_broadcast(str(own_dir)))
+    if dist.get_rank() > 0:
+        _drop_stray_rank_dir(own_dir, main_dir)
+    resume_path = resolve_resume(cfg.get("resume"), main_dir)
+    checkpoint = None
+    if resume_path is not None:
+        checkpoint = load_checkpoint(resume_path, map_location="cpu", required_keys=CHECKPOINT_KEYS)
+        if resume_path.parent.name == "checkpoints":
+            main_dir = resume_path.parent.parent
+    settings = parse_settings(cfg)
+    datasets = build_datasets(cfg)
+    with run_logging(main_dir / "train.log", dist.is_main()):
+        if resume_path is not None:
+            logger.info("resuming from %s (iteration %d)", resume_path, checkpoint["iteration"])
+            if main_dir != own_dir:
+                logger.info(
+                    "writing into %s; this command's config is in %s/.hydra", main_dir, own_dir
+                )
+        elif str(cfg.get("resume")) == "auto":
+            logger.info(
+                "resume=auto: no checkpoints/last.pt under %s/*, starting afresh", main_dir.parent
+            )
+        amp = settings.amp
+        logger.info(
+            "run dir %s | device %s | %s%s | %d process(es) x %d images | %d iterations",
+            main_dir,
+            settings.device,
+            amp.name,
+            f" (trainer.amp={amp.requested} is for CUDA)"
+            if amp.requested != amp.name and amp.requested != "off"
+            else "",
+            settings.world_size,
+            settings.batch_per_rank,
+            settings.max_iters,
+        )
+        seed_everything(settings.seed + settings.rank)
+        start = int(checkpoint["iteration"]) if checkpoint is not None else 0
+        parts = build_parts(cfg, settings, datasets, start_iter=start)
+        state, rng = TrainState(), None
+        if checkpoint is not None:
+            state = restore(checkpoint, resume_path, parts.model, parts.step)
+            if settings.rank == 0:
+                rng = checkpoint.get("rng")
+            else:  # only rank 0's states are stored: the others draw fresh, distinct streams
+                seed_everything(abs(hash((settings.seed, settings.rank, state.iteration))) % 2**31)
+        state = train(parts, main_dir, state, rng)
+        if state.stopped_by is None:
+            logger.info(
+                "done: %d iterations | mIoU %.2f | best %.2f at iter %d | checkpoints in %s",
+                state.iteration,
+                100 * float(state.metrics.get("mIoU", float("nan"))),
+                100 * state.best_miou,
+                state.best_iteration,
+                main_dir / "checkpoints",
+            )
+    return TrainResult(main_dir, state.iteration, state.metrics, state.best_miou, state.stopped_by)
 
 
-def resolve_resume(resume: Any, run_dir: Path) -> Path | None:
-    """The checkpoint to resume from: None, ``auto`` or a path (which must exist)."""
-    if resume is None or resume is False or str(resume) == "":
-        return None
-    if str(resume) == "auto":
-        return find_auto_resume(run_dir)
-    path = Path(str(resume))
-    if not path.is_file():
-        raise ConfigError(f"resume={resume}: no such checkpoint file")
-    return path
+def train(
+    parts: TrainParts,
+    run_dir: Path,
+    state: TrainState | None = None,
+    rng: Mapping[str, Any] | None = None,
+) -> TrainState:
+    """Train built ``parts`` into ``run_dir`` (``tb/``, ``checkpoints/``), reporting as
+    ``tools/train.py`` does; ``state``/``rng`` continue a restored run.
+
+    For Python use between :func:`seg.engine.build.build_parts` and a run folder, e.g. with
+    a loss or model swapped in ``parts``; call it inside :func:`seg.engine.logging.run_logging`
+    for ``train.log``. Under DDP it checks at the end that every rank holds the same weights.
+    """
+    state = state if state is not None else TrainState()
+    settings = parts.settings
+    log = RunLog(
+        run_dir,
+        max_iters=settings.max_iters,
+        start=state.iteration,
+        global_batch=settings.global_batch,
+        class_names=parts.class_names,
+        palette=parts.palette,
+        hparams=parts.hparams,
+        is_main=dist.is_main(),
+    )
+    try:
+        state = fit(parts, state, run_dir, log, rng)
+    finally:
+        log.close(final_metrics(state) if state.iteration >= settings.max_iters else None)
+    if dist.is_distributed():
+        if dist.same_on_all_ranks(parts.model.state_dict().values(), settings.device):
+            logger.info("DDP: the weights are identical on all %d ranks", settings.world_size)
+        else:
+            logger.warning("DDP: the ranks ended with different weights (rank 0's were saved)")
+    return state
+
+
+def final_metrics(state: TrainState) -> dict[str, float]:
+    """The metrics shown beside the hyper-parameters in TensorBoard's HPARAMS tab."""
+    final = {
+        f"hparam/{k}": float(state.metrics[k])
+        for k in ("mIoU", "mAcc", "aAcc")
+        if k in state.metrics
+    }
+    if state.best_miou > -math.inf:
+        final["hparam/best_mIoU"] = state.best_miou
+    return final
 
 
 def hydra_run_dir() -> Path:
@@ -104,256 +196,3 @@ def _broadcast(value: Any) -> Any:
     box = [value]
     torch.distributed.broadcast_object_list(box, src=0)
     return box[0]
-
-
-def per_rank_batch(batch_size: int, world_size: int) -> int:
-    """``loader.batch_size`` is the global batch; each of ``world_size`` ranks takes a share."""
-    if batch_size < 1 or batch_size % world_size:
-        raise ConfigError(
-            f"loader.batch_size={batch_size} must be a positive multiple of the number of "
-            f"processes ({world_size}): it is the global batch, split evenly over them"
-        )
-    return batch_size // world_size
-
-
-def prepare_model(model: nn.Module, device: torch.device, channels_last: bool) -> nn.Module:
-    """Move to ``device`` (channels_last), with SyncBatchNorm when DDP runs on GPUs.
-
-    SyncBatchNorm has no CPU kernels, so CPU (gloo) runs keep per-process BatchNorm.
-    """
-    if dist.get_world_size() > 1:
-        if device.type == "cuda":
-            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-        else:
-            logger.warning("DDP on CPU: SyncBatchNorm needs GPUs, keeping per-process BatchNorm")
-    model = model.to(device)
-    if channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    return model
-
-
-def _auto_or_bool(setting: Any, key: str) -> bool | None:
-    """A ``trainer.<key>: auto | true | false`` switch: None for ``auto``, else the bool."""
-    if str(setting) == "auto":
-        return None
-    if isinstance(setting, bool):
-        return setting
-    raise ConfigError(f"trainer.{key} must be auto, true or false, got {setting!r}")
-
-
-def use_channels_last(setting: Any, device: torch.device) -> bool:
-    """``trainer.channels_last``: put the model and its inputs in channels_last memory.
-
-    ``auto`` is on for every device: cuDNN's fast layout under AMP on CUDA, and 1.12-1.16x
-    faster training steps on the CPU too (docs/benchmarks.md, torch 2.15, AVX-512).
-    """
-    choice = _auto_or_bool(setting, "channels_last")
-    return device.type in ("cuda", "cpu") if choice is None else choice
-
-
-def use_cudnn_benchmark(setting: Any, device: torch.device) -> bool:
-    """``trainer.cudnn_benchmark``: let cuDNN time its convolution algorithms per shape.
-
-    ``auto`` is on for CUDA: training crops have one fixed size, so the one-off timing at the
-    first step of each shape pays back on every later step. Off gives cuDNN's heuristic
-    choice, which is also the same from run to run. Meaningless on CPU (always False there).
-    """
-    choice = _auto_or_bool(setting, "cudnn_benchmark")
-    return device.type == "cuda" and choice is not False
-
-
-def hyper_parameters(cfg: DictConfig, world_size: int, amp_name: str) -> dict[str, Any]:
-    """The flat summary shown in TensorBoard's HPARAMS tab."""
-
-    def pick(key: str, default: Any = None) -> Any:
-        return OmegaConf.select(cfg, key, default=default)
-
-    return {
-        "experiment": pick("experiment_name", "default"),
-        "dataset": pick("dataset.name", "?"),
-        "loss": pick("loss.name", str(pick("loss._target_", "?"))),
-        "lr": pick("optim.lr"),
-        "momentum": pick("optim.momentum"),
-        "weight_decay": pick("optim.weight_decay"),
-        "batch_size": pick("loader.batch_size"),
-        "crop_size": str(list(pick("dataset.crop_size", []) or [])),
-        "max_iters": pick("trainer.max_iters"),
-        "warmup_iters": pick("schedule.warmup_iters"),
-        "amp": amp_name,
-        "seed": pick("seed"),
-        "world_size": world_size,
-    }
-
-
-# ---------------------------------------------------------------------------------- run
-def run(
-    cfg: DictConfig, run_dir: Path | None = None, callbacks: Sequence[Callback] = ()
-) -> TrainResult:
-    """Train as ``cfg`` says. ``run_dir`` defaults to Hydra's output folder.
-
-    Joins the torchrun process group when launched by torchrun (and leaves it at the end).
-    ``callbacks`` are called as ``callback(trainer, iteration)`` after every step.
-    """
-    joined = not dist.is_distributed() and dist.init_distributed()
-    try:
-        return _run(cfg, run_dir, callbacks)
-    finally:
-        if joined:
-            dist.cleanup()
-
-
-def _run(cfg: DictConfig, run_dir: Path | None, callbacks: Sequence[Callback]) -> TrainResult:
-    own_dir = Path(run_dir) if run_dir is not None else hydra_run_dir()
-    main_dir = Path(_broadcast(str(own_dir)))
-    if dist.get_rank() > 0:
-        _drop_stray_rank_dir(own_dir, main_dir)
-    resume_path = resolve_resume(cfg.get("resume"), main_dir)
-    checkpoint: Mapping[str, Any] | None = None
-    if resume_path is not None:
-        checkpoint = load_checkpoint(resume_path, map_location="cpu", required_keys=CHECKPOINT_KEYS)
-        if resume_path.parent.name == "checkpoints":
-            main_dir = resume_path.parent.parent
-    # Settings and datasets first: bad values or a missing dataset stop the run before
-    # anything is logged or written.
-    settings = trainer_settings(cfg)
-    per_rank_batch(int(cfg.loader.batch_size), dist.get_world_size())
-    datasets = build_dataset(cfg, "train"), build_dataset(cfg, "val")
-    is_main = dist.is_main()
-    with run_logging(main_dir / "train.log", is_main):
-        if resume_path is not None:
-            logger.info("resuming from %s (iteration %d)", resume_path, checkpoint["iteration"])
-            if main_dir != own_dir:
-                logger.info(
-                    "writing into %s; this command's config is in %s/.hydra", main_dir, own_dir
-                )
-        elif str(cfg.get("resume")) == "auto":
-            logger.info(
-                "resume=auto: no checkpoints/last.pt under %s/*, starting afresh", main_dir.parent
-            )
-        return _train(cfg, settings, main_dir, datasets, checkpoint, resume_path, callbacks)
-
-
-def trainer_settings(cfg: DictConfig) -> TrainerSettings:
-    """``cfg.trainer``'s loop settings, validated (the device switches too, so that a bad
-    value stops the run before anything is written)."""
-    trainer_cfg = cfg.trainer
-    for key in ("channels_last", "cudnn_benchmark"):
-        _auto_or_bool(trainer_cfg.get(key, "auto"), key)
-    return TrainerSettings(
-        max_iters=int(trainer_cfg.max_iters),
-        eval_interval=int(trainer_cfg.eval_interval),
-        ckpt_interval=int(trainer_cfg.ckpt_interval),
-        log_interval=int(trainer_cfg.log_interval),
-        max_nonfinite_steps=int(trainer_cfg.get("max_nonfinite_steps", 20)),
-        check_finite_every_step=bool(trainer_cfg.get("check_finite_every_step", False)),
-        num_vis_images=int(trainer_cfg.get("num_vis_images", 4)),
-    )
-
-
-def _train(
-    cfg: DictConfig,
-    settings: TrainerSettings,
-    run_dir: Path,
-    datasets: tuple[Any, Any],
-    checkpoint: Mapping[str, Any] | None,
-    resume_path: Path | None,
-    callbacks: Sequence[Callback],
-) -> TrainResult:
-    rank, world_size = dist.get_rank(), dist.get_world_size()
-    trainer_cfg = cfg.trainer
-    device = dist.resolve_device(str(trainer_cfg.get("device", "auto")), "trainer.device")
-    amp = resolve_amp(str(trainer_cfg.get("amp", "fp16")), device)
-    seed = int(cfg.get("seed", 0))
-    batch = per_rank_batch(int(cfg.loader.batch_size), world_size)
-    num_workers = int(cfg.loader.get("num_workers", 0))
-    seed_everything(seed + rank)
-    logger.info(
-        "run dir %s | device %s | %s | %d process(es) x %d images | %d iterations",
-        run_dir,
-        device,
-        amp.name,
-        world_size,
-        batch,
-        settings.max_iters,
-    )
-
-    train_set, val_set = datasets
-    channels_last = use_channels_last(trainer_cfg.get("channels_last", "auto"), device)
-    torch.backends.cudnn.benchmark = use_cudnn_benchmark(
-        trainer_cfg.get("cudnn_benchmark", "auto"), device
-    )
-    model = prepare_model(build(cfg.model, "model"), device, channels_last)
-    optimizer = build(cfg.optim, "optimizer", model=model)
-    scheduler = build(cfg.schedule, "LR schedule", optimizer=optimizer)
-    criterion = build(cfg.loss, "loss").to(device)
-    evaluator = build(cfg.eval, "evaluator")
-    scaler = build_grad_scaler(amp)
-
-    forward: nn.Module = model
-    if world_size > 1:
-        forward = DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None
-        )
-    if bool(trainer_cfg.get("compile", False)):
-        forward = torch.compile(forward)
-    step = TrainStep(
-        forward,
-        criterion,
-        optimizer,
-        scheduler,
-        scaler,
-        amp,
-        mean=list(cfg.dataset.mean),
-        std=list(cfg.dataset.std),
-        device=device,
-        channels_last=channels_last,
-        buffers_of=model,
-    )
-    start_iter = int(checkpoint["iteration"]) if checkpoint is not None else 0
-    train_loader = build_train_loader(
-        train_set,
-        batch_size=batch,
-        num_workers=num_workers,
-        seed=seed,
-        rank=rank,
-        world_size=world_size,
-        start_iter=start_iter,
-    )
-    val_loader = build_eval_loader(
-        val_set,
-        batch_size=int(getattr(evaluator, "batch_size", 1)),
-        num_workers=num_workers,
-        rank=rank,
-        world_size=world_size,
-    )
-    config = OmegaConf.to_container(cfg, resolve=True)
-    assert isinstance(config, dict)
-    trainer = Trainer(
-        model=model,
-        step=step,
-        train_loader=train_loader,
-        evaluator=evaluator,
-        val_loader=val_loader,
-        settings=settings,
-        run_dir=run_dir,
-        global_batch=batch * world_size,
-        class_names=list(cfg.dataset.get("class_names") or []),
-        palette=list(cfg.dataset.get("palette") or []),
-        config=config,
-        hparams=hyper_parameters(cfg, world_size, amp.name),
-        callbacks=callbacks,
-    )
-    if checkpoint is not None:
-        assert resume_path is not None
-        trainer.restore(checkpoint, resume_path)
-    result = trainer.fit()
-    if result.stopped_by is None:
-        logger.info(
-            "done: %d iterations | mIoU %.2f | best %.2f at iter %d | checkpoints in %s",
-            result.iteration,
-            100 * float(result.metrics.get("mIoU", float("nan"))),
-            100 * result.best_miou,
-            trainer.best_iteration,
-            run_dir / "checkpoints",
-        )
-    return result

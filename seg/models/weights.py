@@ -58,6 +58,64 @@ class WeightsReport:
         return "; ".join(parts)
 
 
+#: Key prefix of the auxiliary heads, which a deployment model is built without.
+AUX_PREFIX = "aux_heads."
+
+
+def load_into(
+    model: nn.Module,
+    state: Mapping[str, torch.Tensor],
+    source: str | Path,
+    *,
+    strict: bool = True,
+) -> WeightsReport:
+    """Load ``state`` into ``model``: the one way a state dict becomes a model's weights.
+
+    Wrapper prefixes (``module.``, ``_orig_mod.``) are stripped; entries of the auxiliary
+    heads are dropped when ``model`` was built without them (a training checkpoint loaded
+    for deployment), and only then.
+
+    Args:
+        model: the module to fill.
+        state: a state dict (e.g. a checkpoint's ``"model"``).
+        source: the file it came from, named in messages.
+        strict: any missing, unexpected or shape-mismatched key is an error; otherwise
+            what fits is loaded and what was skipped is logged.
+    Raises:
+        CheckpointError: ``strict`` and the weights do not fit: one line with the count and
+            the first keys of the first kind of misfit.
+    """
+    cleaned = strip_wrapper_prefixes(state)
+    expected = model.state_dict()
+    if not any(key.startswith(AUX_PREFIX) for key in expected):
+        cleaned = {k: v for k, v in cleaned.items() if not k.startswith(AUX_PREFIX)}
+    report = WeightsReport(path=str(source))
+    report.missing = sorted(set(expected) - set(cleaned))
+    report.unexpected = sorted(set(cleaned) - set(expected))
+    report.mismatched = sorted(
+        f"{k} {tuple(cleaned[k].shape)} in the file vs {tuple(expected[k].shape)} in the model"
+        for k in set(expected) & set(cleaned)
+        if cleaned[k].shape != expected[k].shape
+    )
+    fitting = {k: v for k, v in cleaned.items() if k in expected and v.shape == expected[k].shape}
+    report.loaded = sorted(fitting)
+    if strict:
+        for label, keys in (
+            ("missing keys", report.missing),
+            ("unexpected keys", report.unexpected),
+            ("shape mismatches", report.mismatched),
+        ):
+            if keys:
+                shown = ", ".join(keys[:3]) + (", ..." if len(keys) > 3 else "")
+                raise CheckpointError(
+                    f"{source}: weights do not fit the model: {len(keys)} {label} ({shown})"
+                )
+    model.load_state_dict(fitting, strict=strict)
+    if report.missing or report.unexpected or report.mismatched:
+        logger.warning("weights: %s", report.summary())
+    return report
+
+
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     """Read a raw state dict or the ``"model"`` entry of a checkpoint from ``path``.
 

@@ -1,0 +1,309 @@
+"""From a training config to the objects that train: every check and device rule, once.
+
+:func:`parse_settings` reads and checks every plain setting of ``cfg`` (intervals, device,
+precision, memory format, batch split) before anything is written, so that a bad value
+stops a run with one line and no half-made run folder. :func:`build_parts` then turns the
+config groups into objects (model, optimizer, schedule, loss, evaluator, loaders, the
+training step). Nothing below this module reads the config.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, Dataset
+
+from seg import dist
+from seg.data.build import build_dataset
+from seg.data.loader import build_eval_loader, build_train_loader
+from seg.engine.amp import AmpSettings, build_grad_scaler, resolve_amp
+from seg.engine.step import TrainStep
+from seg.errors import ConfigError
+from seg.instantiate import build
+
+logger = logging.getLogger("seg.train")
+
+
+# ------------------------------------------------------------------------------ settings
+@dataclass(frozen=True)
+class TrainSettings:
+    """The checked plain settings of a run (``trainer.*``, ``loader.*``, ``seed``).
+
+    Intervals count iterations. ``batch_per_rank`` is ``loader.batch_size`` (the global
+    batch) divided by the number of processes.
+    """
+
+    max_iters: int
+    eval_interval: int
+    ckpt_interval: int
+    log_interval: int
+    max_nonfinite_steps: int
+    check_finite_every_step: bool
+    num_vis_images: int
+    device: torch.device
+    amp: AmpSettings
+    channels_last: bool
+    cudnn_benchmark: bool
+    compile: bool
+    seed: int
+    batch_per_rank: int
+    num_workers: int
+    rank: int
+    world_size: int
+
+    @property
+    def global_batch(self) -> int:
+        return self.batch_per_rank * self.world_size
+
+
+def int_setting(value: Any, key: str, minimum: int | None = None) -> int:
+    """``value`` as an int (whole numbers only), or a one-line ``ConfigError`` naming ``key``."""
+    if isinstance(value, bool) or not isinstance(value, int | float | str):
+        raise ConfigError(f"{key} must be an integer, got {value!r}")
+    try:
+        number = float(value)
+    except ValueError:
+        raise ConfigError(f"{key} must be an integer, got {value!r}") from None
+    if not number.is_integer():
+        raise ConfigError(f"{key} must be a whole number, got {value!r}")
+    if minimum is not None and number < minimum:
+        raise ConfigError(f"{key} must be >= {minimum}, got {value!r}")
+    return int(number)
+
+
+def bool_setting(value: Any, key: str) -> bool:
+    """``value`` as a bool (true/false only), or a one-line ``ConfigError`` naming ``key``."""
+    if not isinstance(value, bool):
+        raise ConfigError(f"{key} must be true or false, got {value!r}")
+    return value
+
+
+def _auto_or_bool(setting: Any, key: str) -> bool | None:
+    """A ``trainer.<key>: auto | true | false`` switch: None for ``auto``, else the bool."""
+    if str(setting) == "auto":
+        return None
+    if isinstance(setting, bool):
+        return setting
+    raise ConfigError(f"trainer.{key} must be auto, true or false, got {setting!r}")
+
+
+def use_channels_last(setting: Any, device: torch.device) -> bool:
+    """``trainer.channels_last``: put the model and its inputs in channels_last memory.
+
+    ``auto`` is on for every device: cuDNN's fast layout under AMP on CUDA, and 1.12-1.16x
+    faster training steps on the CPU too (docs/benchmarks.md, torch 2.15, AVX-512).
+    """
+    choice = _auto_or_bool(setting, "channels_last")
+    return device.type in ("cuda", "cpu") if choice is None else choice
+
+
+def use_cudnn_benchmark(setting: Any, device: torch.device) -> bool:
+    """``trainer.cudnn_benchmark``: let cuDNN time its convolution algorithms per shape.
+
+    ``auto`` is on for CUDA: training crops have one fixed size, so the one-off timing at the
+    first step of each shape pays back on every later step. Off gives cuDNN's heuristic
+    choice, which is also the same from run to run. Meaningless on CPU (always False there).
+    """
+    choice = _auto_or_bool(setting, "cudnn_benchmark")
+    return device.type == "cuda" and choice is not False
+
+
+def per_rank_batch(batch_size: int, world_size: int) -> int:
+    """``loader.batch_size`` is the global batch; each of ``world_size`` ranks takes a share."""
+    if batch_size < 1 or batch_size % world_size:
+        raise ConfigError(
+            f"loader.batch_size={batch_size} must be a positive multiple of the number of "
+            f"processes ({world_size}): it is the global batch, split evenly over them"
+        )
+    return batch_size // world_size
+
+
+def parse_settings(cfg: DictConfig) -> TrainSettings:
+    """Check every plain setting of ``cfg`` (no side effects: nothing is built or written)."""
+    trainer = cfg.trainer
+    world_size = dist.get_world_size()
+    device = dist.resolve_device(str(trainer.get("device", "auto")), "trainer.device")
+    intervals = {
+        key: int_setting(trainer.get(key), f"trainer.{key}", minimum=1)
+        for key in ("max_iters", "eval_interval", "ckpt_interval", "log_interval")
+    }
+    return TrainSettings(
+        **intervals,
+        max_nonfinite_steps=int_setting(
+            trainer.get("max_nonfinite_steps", 20), "trainer.max_nonfinite_steps", minimum=1
+        ),
+        check_finite_every_step=bool_setting(
+            trainer.get("check_finite_every_step", False), "trainer.check_finite_every_step"
+        ),
+        num_vis_images=int_setting(
+            trainer.get("num_vis_images", 4), "trainer.num_vis_images", minimum=0
+        ),
+        device=device,
+        amp=resolve_amp(trainer.get("amp", "fp16"), device, "trainer.amp"),
+        channels_last=use_channels_last(trainer.get("channels_last", "auto"), device),
+        cudnn_benchmark=use_cudnn_benchmark(trainer.get("cudnn_benchmark", "auto"), device),
+        compile=bool_setting(trainer.get("compile", False), "trainer.compile"),
+        seed=int_setting(cfg.get("seed", 0), "seed", minimum=0),
+        batch_per_rank=per_rank_batch(
+            int_setting(cfg.loader.batch_size, "loader.batch_size", minimum=1), world_size
+        ),
+        num_workers=int_setting(cfg.loader.get("num_workers", 0), "loader.num_workers", minimum=0),
+        rank=dist.get_rank(),
+        world_size=world_size,
+    )
+
+
+def build_datasets(cfg: DictConfig) -> tuple[Dataset, Dataset]:
+    """The training and validation datasets (``cfg.dataset.train`` / ``.val``)."""
+    return build_dataset(cfg.dataset.train, "train dataset"), build_dataset(
+        cfg.dataset.val, "val dataset"
+    )
+
+
+def hyper_parameters(cfg: DictConfig, settings: TrainSettings) -> dict[str, Any]:
+    """The flat summary shown in TensorBoard's HPARAMS tab."""
+
+    def pick(key: str, default: Any = None) -> Any:
+        return OmegaConf.select(cfg, key, default=default)
+
+    return {
+        "experiment": pick("experiment_name", "default"),
+        "dataset": pick("dataset.name", "?"),
+        "loss": pick("loss.name", str(pick("loss._target_", "?"))),
+        "lr": pick("optim.lr"),
+        "momentum": pick("optim.momentum"),
+        "weight_decay": pick("optim.weight_decay"),
+        "batch_size": settings.global_batch,
+        "crop_size": str(list(pick("dataset.crop_size", []) or [])),
+        "max_iters": settings.max_iters,
+        "warmup_iters": pick("schedule.warmup_iters"),
+        "amp": settings.amp.name,
+        "seed": settings.seed,
+        "world_size": settings.world_size,
+    }
+
+
+# --------------------------------------------------------------------------------- parts
+@dataclass
+class TrainParts:
+    """Everything a training run is made of, built from the config.
+
+    Attributes:
+        settings: the checked plain settings.
+        model: the bare model on its device (its ``state_dict`` goes into checkpoints).
+        step: the training step (calls a DDP-wrapped or compiled ``model`` when asked).
+        evaluator: the periodic evaluation (``seg.engine.evaluator.Evaluator``).
+        train_loader: endless loader positioned at the start iteration.
+        val_loader: this rank's shard of the validation split.
+        config: the resolved config as plain containers (stored in checkpoints).
+        class_names, palette: for reports (per-class IoU, coloured panels).
+        hparams: the summary for TensorBoard's HPARAMS tab.
+    """
+
+    settings: TrainSettings
+    model: nn.Module
+    step: TrainStep
+    evaluator: Any
+    train_loader: DataLoader
+    val_loader: DataLoader
+    config: dict[str, Any]
+    class_names: list[str]
+    palette: list[list[int]]
+    hparams: dict[str, Any]
+
+
+def prepare_model(model: nn.Module, device: torch.device, channels_last: bool) -> nn.Module:
+    """Move to ``device`` (channels_last), with SyncBatchNorm when DDP runs on GPUs.
+
+    SyncBatchNorm has no CPU kernels, so CPU (gloo) runs keep per-process BatchNorm.
+    """
+    if dist.get_world_size() > 1:
+        if device.type == "cuda":
+            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        else:
+            logger.warning("DDP on CPU: SyncBatchNorm needs GPUs, keeping per-process BatchNorm")
+    model = model.to(device)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    return model
+
+
+def build_parts(
+    cfg: DictConfig,
+    settings: TrainSettings,
+    datasets: tuple[Dataset, Dataset],
+    start_iter: int = 0,
+) -> TrainParts:
+    """Build the model, optimizer, schedule, loss, evaluator, step and loaders of ``cfg``."""
+    device = settings.device
+    torch.backends.cudnn.benchmark = settings.cudnn_benchmark
+    model = prepare_model(build(cfg.model, "model"), device, settings.channels_last)
+    optimizer = build(cfg.optim, "optimizer", model=model)
+    scheduler = build(cfg.schedule, "LR schedule", optimizer=optimizer)
+    criterion = build(cfg.loss, "loss").to(device)
+    evaluator = build(cfg.eval, "evaluator")
+    forward: nn.Module = model
+    if settings.world_size > 1:
+        forward = DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None
+        )
+    if settings.compile:
+        forward = torch.compile(forward)
+    step = TrainStep(
+        forward,
+        criterion,
+        optimizer,
+        scheduler,
+        build_grad_scaler(settings.amp),
+        settings.amp,
+        mean=list(cfg.dataset.mean),
+        std=list(cfg.dataset.std),
+        device=device,
+        channels_last=settings.channels_last,
+        buffers_of=model,
+    )
+    train_set, val_set = datasets
+    train_loader = build_train_loader(
+        train_set,
+        batch_size=settings.batch_per_rank,
+        num_workers=settings.num_workers,
+        seed=settings.seed,
+        rank=settings.rank,
+        world_size=settings.world_size,
+        start_iter=start_iter,
+    )
+    val_loader = build_eval_loader(
+        val_set,
+        batch_size=int(getattr(evaluator, "batch_size", 1)),
+        num_workers=settings.num_workers,
+        rank=settings.rank,
+        world_size=settings.world_size,
+    )
+    logger.debug(
+        "built %s (%d parameter groups), %s, %d train / %d val images",
+        type(model).__name__,
+        len(optimizer.param_groups),
+        type(criterion).__name__,
+        len(train_set),
+        len(val_set),
+    )
+    config = OmegaConf.to_container(cfg, resolve=True)
+    assert isinstance(config, dict)
+    return TrainParts(
+        settings=settings,
+        model=model,
+        step=step,
+        evaluator=evaluator,
+        train_loader=train_loader,
+        val_loader=val_loader,
+        config=config,
+        class_names=[str(n) for n in cfg.dataset.get("class_names") or []],
+        palette=[list(c) for c in cfg.dataset.get("palette") or []],
+        hparams=hyper_parameters(cfg, settings),
+    )

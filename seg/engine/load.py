@@ -1,0 +1,138 @@
+"""From a checkpoint file to a model ready for inference: the one loader of eval, predict
+and export.
+
+The model is built from the checkpoint's config (``config["model"]``) without its
+auxiliary heads and without pretrained-weight files (the checkpoint holds every weight),
+its weights are loaded strictly (aux-head entries dropped), and it is put in eval mode.
+The dataset facts a user of the model needs (class count and names, palette, the RGB
+normalisation) come from ``config["dataset"]`` and are checked here, once.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from seg import dist
+from seg.engine.checkpoint import load_checkpoint
+from seg.errors import CheckpointError
+from seg.instantiate import build
+from seg.models.weights import load_into
+from seg.visualize import generated_palette, palette_array
+
+#: Model settings that name pretrained-weight files: not read again when loading a checkpoint.
+PRETRAINED_KEYS = ("weights", "backbone_weights")
+
+
+@dataclass
+class InferenceModel:
+    """A checkpoint's model in eval mode (no auxiliary heads) and what is needed to use it.
+
+    ``model`` maps normalised float N x 3 x H x W images to logits N x C x H x W.
+    ``mean``/``std`` are the RGB normalisation on the 0-1 scale, ``palette`` has one RGB
+    triple per train id, all read from the checkpoint's ``config["dataset"]``.
+    """
+
+    model: nn.Module
+    num_classes: int
+    mean: list[float]
+    std: list[float]
+    class_names: list[str]
+    palette: list[list[int]]
+    config: dict[str, Any]
+    device: torch.device
+    path: Path
+
+
+def dataset_info(config: Mapping[str, Any], path: Path) -> dict[str, Any]:
+    """num_classes, mean, std, class_names and palette from ``config["dataset"]``, checked."""
+    dataset = config.get("dataset")
+    if not isinstance(dataset, Mapping):
+        raise CheckpointError(f"checkpoint {path}: config has no 'dataset' section")
+    try:
+        num_classes = int(dataset["num_classes"])
+        mean = [float(v) for v in dataset["mean"]]
+        std = [float(v) for v in dataset["std"]]
+    except (KeyError, TypeError, ValueError) as error:
+        raise CheckpointError(
+            f"checkpoint {path}: config.dataset needs num_classes, mean and std ({error!r})"
+        ) from None
+    if len(mean) != 3 or len(std) != 3 or min(std) <= 0:
+        raise CheckpointError(
+            f"checkpoint {path}: config.dataset mean/std must be 3 values (std > 0), "
+            f"got {mean} / {std}"
+        )
+    if not 1 <= num_classes <= 255:
+        # Label maps are uint8 PNGs with 255 kept for "ignore".
+        raise CheckpointError(
+            f"checkpoint {path}: num_classes must lie in 1..255, got {num_classes}"
+        )
+    names = dataset.get("class_names") or [f"class_{i}" for i in range(num_classes)]
+    palette = dataset.get("palette") or generated_palette(num_classes)
+    if len(names) != num_classes:
+        raise CheckpointError(
+            f"checkpoint {path}: config.dataset.class_names has {len(names)} entries "
+            f"for {num_classes} classes"
+        )
+    if len(palette) < num_classes:
+        raise CheckpointError(
+            f"checkpoint {path}: config.dataset.palette has {len(palette)} colours "
+            f"for {num_classes} classes"
+        )
+    try:
+        palette_array(palette)
+    except ValueError as error:
+        raise CheckpointError(f"checkpoint {path}: config.dataset.palette: {error}") from None
+    return {
+        "num_classes": num_classes,
+        "mean": mean,
+        "std": std,
+        "class_names": [str(n) for n in names],
+        "palette": [[int(c) for c in rgb] for rgb in palette[:num_classes]],
+    }
+
+
+def build_inference_model(model_config: Any, path: Path | str) -> nn.Module:
+    """Instantiate ``model_config`` (a ``_target_`` node) without aux heads or weight files."""
+    if not isinstance(model_config, Mapping) or "_target_" not in model_config:
+        raise CheckpointError(f"checkpoint {path}: config.model is not a node with a _target_")
+    node = dict(model_config)
+    for key in PRETRAINED_KEYS:
+        if key in node:
+            node[key] = None
+    node["aux_heads"] = False
+    return build(node, f"model of checkpoint {path} (config.model)")
+
+
+def load_inference_model(
+    path: str | os.PathLike[str],
+    device: torch.device | str = "cpu",
+    *,
+    checkpoint: Mapping[str, Any] | None = None,
+    config: Mapping[str, Any] | None = None,
+) -> InferenceModel:
+    """Load ``path`` and return its model in eval mode on ``device``, aux heads dropped.
+
+    Args:
+        path: the checkpoint file.
+        device: a device, or a setting such as ``"auto"``/``"cuda"`` (``seg.dist``).
+        checkpoint: the file's contents when the caller has read it already.
+        config: the config to build from, when the caller changed the stored one (the
+            evaluation tool's overrides); defaults to ``checkpoint["config"]``.
+    """
+    path = Path(path)
+    device = dist.resolve_device(device) if isinstance(device, str) else device
+    if checkpoint is None:
+        checkpoint = load_checkpoint(path, map_location="cpu")
+    config = dict(config if config is not None else checkpoint["config"])
+    info = dataset_info(config, path)
+    model = build_inference_model(config.get("model"), path)
+    load_into(model, checkpoint["model"], f"checkpoint {path}")
+    model.eval().to(device)
+    return InferenceModel(model=model, config=config, device=device, path=path, **info)

@@ -1,0 +1,200 @@
+"""One optimisation step, and the device-side sums of what the steps report.
+
+:class:`TrainStep` moves a uint8 batch to the device, normalises it there (channels_last by
+default), runs the model and the multi-head loss under autocast, back-propagates through
+the GradScaler (a pass-through unless fp16 on CUDA), steps SGD and the LR schedule. It does
+not wait for the device: :class:`RunningStats` keeps the logged values as device tensors
+until the loop reads them at the log interval.
+
+Non-finite losses. A step whose total loss is NaN or inf is skipped without a host-device
+sync: the flag ``skipped = ~isfinite(loss)`` stays on the device and
+
+- with the fused SGD kernel (the default on CUDA and CPU) it is handed to the kernel as
+  ``found_inf``, which then leaves weights and momentum buffers untouched;
+- with fp16 the GradScaler skips the step by itself (a non-finite loss gives non-finite
+  gradients), as it does for overflows;
+- with any other optimizer implementation the step reads the flag (one sync per step).
+
+The model's buffers (BatchNorm running statistics), which the forward pass updates, are
+copied before it and put back when the flag is set, so a skipped step changes nothing but
+the iteration count, the LR schedule position and the fp16 loss scale. Skips are counted
+on the device; the loop reads the longest run of consecutive skips at each log interval
+(see ``seg.engine.loop``). Under DDP the flag is all-reduced (max, no host sync) so that
+every rank skips the same steps.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed
+from torch import nn
+
+from seg import dist
+from seg.data.batch import batch_to_device
+from seg.engine.amp import AmpSettings, autocast
+from seg.engine.optim import is_fused
+
+
+@dataclass
+class StepOutput:
+    """Device tensors of one step (0-dim): ``total`` loss, per-head ``terms``, loss
+    ``stats`` (``"head/stat"``) and ``skipped`` (bool, the step was not applied)."""
+
+    total: torch.Tensor
+    terms: dict[str, torch.Tensor]
+    stats: dict[str, torch.Tensor]
+    skipped: torch.Tensor
+
+
+class TrainStep:
+    """One optimisation step on a collated uint8 batch, without host-device syncs.
+
+    Args:
+        model: the module called for the forward pass (possibly DDP-wrapped or compiled).
+        criterion: ``MultiHeadLoss``: ``(outputs, labels) -> LossOutput(total, terms, stats)``.
+        optimizer, scheduler, scaler: stepped once per call.
+        amp: autocast settings (``seg.engine.amp``).
+        mean, std: 0-1 scale RGB normalisation applied on the device.
+        device: where the batch goes.
+        channels_last: feed NHWC-strided images (False: contiguous NCHW, for benchmarks).
+        buffers_of: the module whose buffers (BatchNorm statistics and counters) are
+            restored after a skipped step; None disables that guard.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        criterion: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        scheduler: torch.optim.lr_scheduler.LRScheduler,
+        scaler: torch.amp.GradScaler,
+        amp: AmpSettings,
+        mean: Sequence[float],
+        std: Sequence[float],
+        device: torch.device,
+        channels_last: bool = True,
+        buffers_of: nn.Module | None = None,
+    ) -> None:
+        self.model = model
+        self.criterion = criterion
+        self.optimizer = optimizer
+        self.scheduler = scheduler
+        self.scaler = scaler
+        self.amp = amp
+        self.mean = list(mean)
+        self.std = list(std)
+        self.device = device
+        self.channels_last = channels_last
+        self.fused = is_fused(optimizer)
+        self.buffers = list(buffers_of.buffers()) if buffers_of is not None else []
+        self.saved = [torch.empty_like(b) for b in self.buffers]
+
+    def __call__(self, batch: Mapping[str, Any]) -> StepOutput:
+        """Train on ``batch`` = ``{"image": uint8 N x H x W x 3, "label": uint8 N x H x W}``."""
+        images, labels = batch_to_device(batch, self.device, self.mean, self.std)
+        if not self.channels_last:
+            images = images.contiguous()
+        if self.buffers:
+            torch._foreach_copy_(self.saved, self.buffers)
+        with autocast(self.amp):
+            outputs = self.model(images)
+            loss = self.criterion(outputs, labels)
+        skipped = ~torch.isfinite(loss.total.detach())
+        if dist.is_distributed():
+            flag = skipped.to(torch.float32)
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+            skipped = flag > 0
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss.total).backward()
+        self._optimizer_step(skipped)
+        self.scheduler.step()
+        for buffer, saved in zip(self.buffers, self.saved, strict=True):
+            torch.where(skipped, saved, buffer, out=buffer)
+        return StepOutput(loss.total.detach(), dict(loss.terms), dict(loss.stats), skipped)
+
+    def _optimizer_step(self, skipped: torch.Tensor) -> None:
+        if self.scaler.is_enabled():
+            # fp16: the scaler skips steps with non-finite gradients (which a non-finite
+            # loss produces) and lowers its scale; no sync with a fused optimizer.
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        elif self.fused:
+            # The fused kernel reads found_inf on the device and skips the update when it is 1.
+            self.optimizer.found_inf = skipped.to(torch.float32)
+            self.optimizer.step()
+        elif not bool(skipped):  # other implementations: one host-device sync per step
+            self.optimizer.step()
+
+
+# ------------------------------------------------------------------------ running sums
+class RunningStats:
+    """Device-side sums of the logged values between two log intervals, and skip counters.
+
+    Args:
+        device: where the sums live (the training device).
+        skipped_before, streak: the skip count and the current run of consecutive skips
+            of the run this one resumed (from its checkpoint), so that counts continue.
+    """
+
+    def __init__(self, device: torch.device, skipped_before: int = 0, streak: int = 0) -> None:
+        self.device = device
+        self.names: list[str] | None = None
+        self.sums: torch.Tensor | None = None
+        self.good = torch.zeros((), device=device)
+        self.steps = 0
+        self.skipped_total = torch.full((), skipped_before, dtype=torch.int64, device=device)
+        self.streak = torch.full((), streak, dtype=torch.int64, device=device)
+        self.max_streak = self.streak.clone()
+
+    def add(self, out: StepOutput) -> None:
+        if self.names is None:
+            self.names = (
+                ["loss"] + [f"loss/{head}" for head in out.terms] + [f"{key}" for key in out.stats]
+            )
+        values = torch.stack(
+            [out.total.float()]
+            + [t.detach().float() for t in out.terms.values()]
+            + [s.detach().float() for s in out.stats.values()]
+        )
+        values = torch.where(out.skipped, torch.zeros_like(values), values)
+        self.sums = values if self.sums is None else self.sums + values
+        bad = out.skipped.to(torch.int64)
+        self.good = self.good + (1 - bad)
+        self.steps += 1
+        self.skipped_total = self.skipped_total + bad
+        self.streak = (self.streak + 1) * bad
+        self.max_streak = torch.maximum(self.max_streak, self.streak)
+
+    def skip_counts(self) -> tuple[int, int]:
+        """``(skipped steps in total, current run of consecutive skips)`` (a sync)."""
+        return int(self.skipped_total), int(self.streak)
+
+    def read_max_streak(self) -> int:
+        """Longest run of skipped steps since the last :meth:`flush` (a sync)."""
+        return int(self.max_streak)
+
+    def flush(self) -> dict[str, float]:
+        """Means over the finite steps since the last flush, plus counters (one sync)."""
+        if self.sums is None or self.names is None:
+            return {}
+        packed = torch.cat(
+            [
+                self.sums / self.good.clamp(min=1),
+                torch.stack([self.good, self.skipped_total.float(), self.max_streak.float()]),
+            ]
+        ).tolist()
+        means = dict(zip(self.names, packed[: len(self.names)], strict=True))
+        if packed[-3] == 0:  # every step skipped: no mean to show
+            means = {name: math.nan for name in self.names}
+        means["nonfinite_steps"] = packed[-2]
+        means["max_nonfinite_streak"] = packed[-1]
+        self.sums = torch.zeros_like(self.sums)
+        self.good = torch.zeros_like(self.good)
+        self.max_streak = self.streak.clone()
+        self.steps = 0
+        return means
