@@ -3,16 +3,22 @@
 from __future__ import annotations
 
 import math
+from functools import partial
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 from seg.errors import ConfigError, DatasetError
-from seg.losses import CrossEntropyLoss, FocalLoss, OhemCELoss, top_k_weights
+from seg.losses import CrossEntropyLoss, FocalLoss, GhmcLoss, OhemCELoss, top_k_weights
 
 C = 19
 IGNORE = 255
+
+# GHM-C with momentum 0: its weights come from the batch alone, so calling one instance
+# twice on the same input gives the same value, as for the other losses (the moving
+# counts and their momentum are tested in test_losses_ghm.py).
+StatelessGhmc = partial(GhmcLoss, momentum=0.0)
 
 
 def make_batch(
@@ -151,8 +157,14 @@ def test_top_k_weights_rejects_bad_k() -> None:
 
 @pytest.mark.parametrize(
     "loss_fn",
-    [OhemCELoss(selection="host"), OhemCELoss(selection="device"), CrossEntropyLoss(), FocalLoss()],
-    ids=["ohem-host", "ohem-device", "ce", "focal"],
+    [
+        OhemCELoss(selection="host"),
+        OhemCELoss(selection="device"),
+        CrossEntropyLoss(),
+        FocalLoss(),
+        GhmcLoss(),
+    ],
+    ids=["ohem-host", "ohem-device", "ce", "focal", "ghm"],
 )
 def test_all_ignored_batch_gives_zero_loss_and_zero_gradients(loss_fn) -> None:
     logits = torch.randn(2, C, 8, 8, requires_grad=True)
@@ -225,7 +237,9 @@ def test_ohem_selections_agree_on_larger_batches(regime: str, shape: tuple[int, 
 
 
 @pytest.mark.parametrize(
-    "loss_fn", [OhemCELoss(), CrossEntropyLoss(), FocalLoss()], ids=["ohem", "ce", "focal"]
+    "loss_fn",
+    [OhemCELoss(), CrossEntropyLoss(), FocalLoss(), GhmcLoss()],
+    ids=["ohem", "ce", "focal", "ghm"],
 )
 @pytest.mark.parametrize("bad", [19, 254, -1])
 def test_out_of_range_label_raises_dataset_error(loss_fn, bad: int) -> None:
@@ -316,7 +330,9 @@ HALF_DTYPES = [torch.float16, torch.bfloat16]
 
 @pytest.mark.parametrize("dtype", HALF_DTYPES, ids=["fp16", "bf16"])
 @pytest.mark.parametrize(
-    "make_loss", [OhemCELoss, CrossEntropyLoss, FocalLoss], ids=["ohem", "ce", "focal"]
+    "make_loss",
+    [OhemCELoss, CrossEntropyLoss, FocalLoss, StatelessGhmc],
+    ids=["ohem", "ce", "focal", "ghm"],
 )
 @pytest.mark.parametrize("regime", ["random", "confident"])
 def test_half_precision_logits_give_float32_loss(dtype, make_loss, regime) -> None:
@@ -334,7 +350,9 @@ def test_half_precision_logits_give_float32_loss(dtype, make_loss, regime) -> No
 
 
 @pytest.mark.parametrize(
-    "make_loss", [OhemCELoss, CrossEntropyLoss, FocalLoss], ids=["ohem", "ce", "focal"]
+    "make_loss",
+    [OhemCELoss, CrossEntropyLoss, FocalLoss, StatelessGhmc],
+    ids=["ohem", "ce", "focal", "ghm"],
 )
 def test_losses_under_cpu_autocast_stay_float32(make_loss) -> None:
     logits, labels = make_batch("random")
@@ -366,11 +384,11 @@ def test_no_grad_forward_works() -> None:
 @pytest.mark.parametrize("regime", ["random", "confident"])
 def test_cuda_losses_match_cpu(regime: str) -> None:
     logits, labels = make_batch(regime, n=2, h=64, w=96)
-    for make_loss in (OhemCELoss, CrossEntropyLoss, FocalLoss):
+    for make_loss in (OhemCELoss, CrossEntropyLoss, FocalLoss, StatelessGhmc):
         cpu_x = logits.clone().requires_grad_()
         gpu_x = logits.cuda().requires_grad_()
         cpu_loss = make_loss()(cpu_x, labels)
-        gpu_loss = make_loss()(gpu_x, labels.cuda())
+        gpu_loss = make_loss().cuda()(gpu_x, labels.cuda())
         assert abs(cpu_loss.item() - gpu_loss.item()) < 1e-5
         cpu_loss.backward()
         gpu_loss.backward()
@@ -389,11 +407,11 @@ def test_cuda_bad_label_is_reported_without_device_assert() -> None:
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("make_loss", [OhemCELoss, CrossEntropyLoss, FocalLoss])
+@pytest.mark.parametrize("make_loss", [OhemCELoss, CrossEntropyLoss, FocalLoss, GhmcLoss])
 def test_cuda_losses_make_no_host_device_sync(make_loss) -> None:
     logits, labels = make_batch("confident", n=2, h=64, w=96)
     x, y = logits.cuda().requires_grad_(), labels.cuda()
-    loss_fn = make_loss()
+    loss_fn = make_loss().cuda()  # GHM-C's bin counts live on the logits' device
     loss_fn(x, y).backward()  # warm-up: first-call allocations are not what is checked
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
@@ -406,7 +424,9 @@ def test_cuda_losses_make_no_host_device_sync(make_loss) -> None:
 
 
 @pytest.mark.parametrize(
-    "make_loss", [OhemCELoss, CrossEntropyLoss, FocalLoss], ids=["ohem", "ce", "focal"]
+    "make_loss",
+    [OhemCELoss, CrossEntropyLoss, FocalLoss, StatelessGhmc],
+    ids=["ohem", "ce", "focal", "ghm"],
 )
 def test_channels_last_logits_give_the_same_loss_and_gradient(make_loss) -> None:
     # The model hands over channels_last outputs on CUDA; strides must not matter.

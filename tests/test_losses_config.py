@@ -11,7 +11,14 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from seg.errors import ConfigError
-from seg.losses import CrossEntropyLoss, FocalLoss, LossOutput, MultiHeadLoss, OhemCELoss
+from seg.losses import (
+    CrossEntropyLoss,
+    FocalLoss,
+    GhmcLoss,
+    LossOutput,
+    MultiHeadLoss,
+    OhemCELoss,
+)
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 HEADS = ["main", "aux2", "aux3", "aux4", "aux5_4"]
@@ -102,6 +109,7 @@ def compose_loss(name: str, overrides: tuple[str, ...] = ()) -> MultiHeadLoss:
         ("ohem", dict.fromkeys(HEADS, OhemCELoss)),
         ("ce", dict.fromkeys(HEADS, CrossEntropyLoss)),
         ("focal", dict.fromkeys(HEADS, FocalLoss)),
+        ("ghm", dict.fromkeys(HEADS, GhmcLoss)),
         ("ohem_main_ce_aux", {"main": OhemCELoss} | dict.fromkeys(HEADS[1:], CrossEntropyLoss)),
     ],
 )
@@ -123,6 +131,10 @@ def test_loss_config_defaults_match_the_design() -> None:
     for module in loss.losses.values():
         assert module.thresh == 0.7 and module.min_kept_ratio == 1 / 16
     assert all(m.gamma == 2.0 and m.alpha is None for m in compose_loss("focal").losses.values())
+    # The official GHM-C settings; every head has its own moving counts.
+    ghm = compose_loss("ghm").losses.values()
+    assert all(m.bins == 10 and m.momentum == 0.75 for m in ghm)
+    assert len({id(m.bin_counts) for m in ghm}) == len(HEADS)
 
 
 def test_per_head_override_from_the_command_line() -> None:
