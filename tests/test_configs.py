@@ -22,7 +22,12 @@ REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "configs"
 EXPERIMENTS = sorted(p.stem for p in (CONFIGS / "experiment").glob("*.yaml"))
 HEADS = {"main", "aux2", "aux3", "aux4", "aux5_4"}
-LOSS_CLASS = {"ohem": "OhemCELoss", "ce": "CrossEntropyLoss", "focal": "FocalLoss"}
+LOSS_CLASS = {
+    "ohem": "OhemCELoss",
+    "ce": "CrossEntropyLoss",
+    "focal": "FocalLoss",
+    "ghm": "GhmcLoss",
+}
 
 
 def compose_train(overrides: list[str], hydra_cfg: bool = False) -> DictConfig:

@@ -330,3 +330,44 @@ def test_auto_resume_picks_newest_last_pt(tmp_path: Path) -> None:
     assert resolve_resume(None, new_run) is None
     with pytest.raises(ConfigError, match="resume="):
         resolve_resume(str(tmp_path / "missing.pt"), new_run)
+
+
+# ------------------------------------------------------------------------- loss state
+def test_loss_state_is_checkpointed_and_kept_by_skipped_steps() -> None:
+    """GHM-C's moving bin counts go into checkpoints and come back on restore, and a skipped
+    (non-finite) step leaves them as they were, like the BatchNorm statistics."""
+    from seg.engine.state import TrainState, checkpoint_payload, restore
+    from seg.losses import GhmcLoss, MultiHeadLoss
+
+    def make() -> tuple[nn.Module, TrainStep]:
+        torch.manual_seed(0)
+        net = _Net()
+        opt = build_sgd(net, lr=0.1, impl="fused")
+        amp = resolve_amp("off", "cpu")
+        loss = MultiHeadLoss({"main": {"loss": GhmcLoss(num_classes=5)}})
+        step = TrainStep(
+            net, loss, opt, WarmupPolyLR(opt, max_iters=10, warmup_iters=0),
+            build_grad_scaler(amp), amp, [0.5] * 3, [0.25] * 3, torch.device("cpu"),
+            channels_last=False, buffers_of=[net, loss],
+        )  # fmt: skip
+        return net, step
+
+    batch = {
+        "image": torch.randint(0, 256, (2, 8, 8, 3), dtype=torch.uint8),
+        "label": torch.randint(0, 5, (2, 8, 8), dtype=torch.uint8),
+    }
+    net, step = make()
+    step(batch)
+    counts = step.criterion.state_dict()["losses.main.bin_counts"].clone()
+    assert counts.sum() > 0
+    payload = checkpoint_payload(net, step, TrainState(iteration=1), {})
+    assert torch.equal(payload["loss"]["losses.main.bin_counts"], counts)
+
+    net2, step2 = make()
+    restore(payload, Path("ckpt.pt"), net2, step2)
+    assert torch.equal(step2.criterion.state_dict()["losses.main.bin_counts"], counts)
+
+    with torch.no_grad():  # NaN weights make the loss non-finite: the step is skipped
+        next(net2.parameters()).fill_(float("nan"))
+    assert bool(step2(batch).skipped)
+    assert torch.equal(step2.criterion.state_dict()["losses.main.bin_counts"], counts)

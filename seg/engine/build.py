@@ -266,7 +266,7 @@ def build_parts(
         std=list(cfg.dataset.std),
         device=device,
         channels_last=settings.channels_last,
-        buffers_of=model,
+        buffers_of=[model, criterion],
     )
     train_set, val_set = datasets
     train_loader = build_train_loader(

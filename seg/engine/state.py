@@ -1,7 +1,8 @@
 """What a training checkpoint holds and how a run gets it back: progress, RNG, resume.
 
 A checkpoint (contract in docs/architecture.md) is the states of the model, optimizer,
-LR schedule and GradScaler, the :class:`TrainState` (iteration, metrics, best mIoU, skip
+LR schedule, GradScaler and loss (GHM-C's moving bin counts; empty for the other losses),
+the :class:`TrainState` (iteration, metrics, best mIoU, skip
 counts), the global RNG states and the resolved config. Only tensors and plain containers
 go in, so that ``torch.load(weights_only=True)`` reads it back (``seg.engine.checkpoint``).
 
@@ -69,6 +70,7 @@ def checkpoint_payload(
         "optimizer": step.optimizer.state_dict(),
         "scheduler": step.scheduler.state_dict(),
         "scaler": step.scaler.state_dict(),
+        "loss": step.criterion.state_dict(),
         "iteration": state.iteration,
         "rng": capture_rng_state(),
         "config": dict(config),
@@ -97,6 +99,8 @@ def restore(
         model.load_state_dict(checkpoint["model"])
         step.optimizer.load_state_dict(checkpoint["optimizer"])
         step.scheduler.load_state_dict(checkpoint["scheduler"])
+        if "loss" in checkpoint:  # checkpoints from before losses had state lack it
+            step.criterion.load_state_dict(checkpoint["loss"])
     except (RuntimeError, ValueError, KeyError) as error:
         raise CheckpointError(
             f"cannot resume from {source}: it does not fit this config ({first_line(error, limit=200)})"

@@ -62,8 +62,9 @@ class TrainStep:
         mean, std: 0-1 scale RGB normalisation applied on the device.
         device: where the batch goes.
         channels_last: feed NHWC-strided images (False: contiguous NCHW, for benchmarks).
-        buffers_of: the module whose buffers (BatchNorm statistics and counters) are
-            restored after a skipped step; None disables that guard.
+        buffers_of: the module(s) whose buffers are restored after a skipped step: the
+            model's BatchNorm statistics and counters, and a loss's moving state (GHM-C's
+            bin counts); None disables that guard.
     """
 
     def __init__(
@@ -78,7 +79,7 @@ class TrainStep:
         std: Sequence[float],
         device: torch.device,
         channels_last: bool = True,
-        buffers_of: nn.Module | None = None,
+        buffers_of: nn.Module | Sequence[nn.Module] | None = None,
     ) -> None:
         self.model = model
         self.criterion = criterion
@@ -91,7 +92,8 @@ class TrainStep:
         self.device = device
         self.channels_last = channels_last
         self.fused = is_fused(optimizer)
-        self.buffers = list(buffers_of.buffers()) if buffers_of is not None else []
+        modules = [buffers_of] if isinstance(buffers_of, nn.Module) else list(buffers_of or ())
+        self.buffers = [b for module in modules for b in module.buffers()]
         self.saved = [torch.empty_like(b) for b in self.buffers]
 
     def __call__(self, batch: Mapping[str, Any]) -> StepOutput:
