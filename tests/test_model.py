@@ -321,8 +321,10 @@ def test_weights_report_missing_unexpected_and_mismatched(
     path = tmp_path / "partial.pt"
     torch.save(state, path)
     net = BiSeNetV2(7)  # 7 classes: the classifier layers do not fit
+    with pytest.raises(CheckpointError, match=r"1 missing .* 1 unexpected .* 10 shape-mismatched"):
+        load_weights(net, path)  # strict by default
     with caplog.at_level(logging.WARNING, logger="seg.models.weights"):
-        report = load_weights(net, path)
+        report = load_weights(net, path, strict=False)
     assert report.missing == ["bga.fuse.conv.weight"]
     assert report.unexpected == ["not.a.layer"]
     assert any(item.startswith("head.classifier.weight") for item in report.mismatched)
@@ -342,7 +344,7 @@ def test_backbone_only_loading_with_prefix(model: BiSeNetV2, tmp_path: Path) -> 
     torch.manual_seed(123)
     net = BiSeNetV2(19)
     head_before = net.head.conv.conv.weight.clone()
-    report = load_weights(net, path, prefix="backbone.", only=("detail.", "semantic."))
+    report = load_weights(net, path, prefix="backbone.", only=("detail", "semantic"))
     assert report.missing == [] and report.unexpected == []
     assert len(report.loaded) == len(backbone)
     assert torch.equal(
@@ -364,8 +366,10 @@ def test_bad_weights_files_raise_checkpoint_error(tmp_path: Path) -> None:
         BiSeNetV2(3, weights=str(garbage))
     unrelated = tmp_path / "unrelated.pt"
     torch.save({"foo": torch.zeros(2)}, unrelated)
-    with pytest.raises(CheckpointError, match="no tensor"):
+    with pytest.raises(CheckpointError, match=r"do not fit BiSeNetV2: .* 1 unexpected"):
         BiSeNetV2(3, weights=str(unrelated))
+    with pytest.raises(CheckpointError, match=r"no tensor of .* fits"):
+        BiSeNetV2(3, weights=str(unrelated), weights_strict=False)
 
 
 # --- config -------------------------------------------------------------------------------

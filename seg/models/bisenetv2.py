@@ -25,7 +25,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from seg.errors import ConfigError
-from seg.models.weights import load_weights
+from seg.models.convert import convert_backbone
+from seg.models.weights import load_into, load_weights, read_weights_file
 
 #: Total stride of the semantic branch; input sides are padded to a multiple of it.
 OUTPUT_STRIDE = 32
@@ -37,8 +38,10 @@ AUX_HEADS: dict[str, tuple[str, int, int]] = {
     "aux4": ("s4", 64, 16),
     "aux5_4": ("s5_4", 128, 32),  # before the context embedding
 }
-#: Module-name prefixes of the backbone (the two branches), for backbone-only loading.
-BACKBONE_PREFIXES = ("detail.", "semantic.")
+#: Top-level modules of the backbone (the two branches), for backbone-only loading.
+BACKBONE_MODULES = ("detail", "semantic")
+#: How the bilateral guided aggregation upsamples its two 1/32 paths by 4.
+BGA_UPSAMPLE_MODES = ("bilinear", "nearest")
 
 
 class ConvBN(nn.Sequential):
@@ -188,14 +191,26 @@ class BilateralGuidedAggregation(nn.Module):
     """Fuse detail (N x 128 x h x w, 1/8) and semantic (N x 128 x h/4 x w/4, 1/32) features.
 
     Each branch is gated by a sigmoid of the other at its own resolution; the semantic
-    result is upsampled x4 and the sum passes a 3x3 ConvBNReLU. Output: N x 128 x h x w.
+    gate and the semantic result are upsampled x4 (``upsample``: "bilinear" or "nearest")
+    and the sum passes a 3x3 ConvBNReLU. Output: N x 128 x h x w.
+
+    ``upsample="nearest"`` is CoinCheung/BiSeNet's ``nn.Upsample(scale_factor=4)``;
+    mmsegmentation upsamples bilinearly and gives the two 1x1 convolutions after the
+    depthwise convs a bias (``pointwise_bias=True``).
     """
 
-    def __init__(self, channels: int = 128) -> None:
+    def __init__(
+        self, channels: int = 128, upsample: str = "bilinear", pointwise_bias: bool = False
+    ) -> None:
         super().__init__()
+        if upsample not in BGA_UPSAMPLE_MODES:
+            raise ConfigError(
+                f"model.bga_upsample must be one of {list(BGA_UPSAMPLE_MODES)}, got {upsample!r}"
+            )
+        self.upsample = upsample
         self.detail_keep = nn.Sequential(
             ConvBN(channels, channels, groups=channels, relu=False),
-            nn.Conv2d(channels, channels, 1, bias=False),
+            nn.Conv2d(channels, channels, 1, bias=pointwise_bias),
         )
         self.detail_down = nn.Sequential(
             ConvBN(channels, channels, stride=2, relu=False),
@@ -204,20 +219,20 @@ class BilateralGuidedAggregation(nn.Module):
         self.semantic_up = ConvBN(channels, channels, relu=False)
         self.semantic_keep = nn.Sequential(
             ConvBN(channels, channels, groups=channels, relu=False),
-            nn.Conv2d(channels, channels, 1, bias=False),
+            nn.Conv2d(channels, channels, 1, bias=pointwise_bias),
         )
         self.fuse = ConvBN(channels, channels)
 
+    def _up4(self, x: torch.Tensor) -> torch.Tensor:
+        if self.upsample == "nearest":
+            return F.interpolate(x, scale_factor=4.0, mode="nearest")
+        return F.interpolate(x, scale_factor=4.0, mode="bilinear", align_corners=False)
+
     def forward(self, detail: torch.Tensor, semantic: torch.Tensor) -> torch.Tensor:
-        semantic_gate = F.interpolate(
-            self.semantic_up(semantic), scale_factor=4.0, mode="bilinear", align_corners=False
-        )
+        semantic_gate = self._up4(self.semantic_up(semantic))
         at_detail = self.detail_keep(detail) * torch.sigmoid(semantic_gate)
         at_semantic = self.detail_down(detail) * torch.sigmoid(self.semantic_keep(semantic))
-        at_semantic = F.interpolate(
-            at_semantic, scale_factor=4.0, mode="bilinear", align_corners=False
-        )
-        return self.fuse(at_detail + at_semantic)
+        return self.fuse(at_detail + self._up4(at_semantic))
 
 
 class SegmentHead(nn.Module):
@@ -286,11 +301,22 @@ class BiSeNetV2(nn.Module):
     Args:
         num_classes: number of output classes.
         aux_heads: build the four auxiliary heads (False for deployment).
-        weights: optional local file (raw state dict or a checkpoint with a ``"model"``
-            key) loaded after initialisation; missing/unexpected keys are logged.
+        weights: optional local file (raw state dict, or a checkpoint with a ``"model"``
+            or ``"state_dict"`` entry) loaded after initialisation with
+            :func:`seg.models.weights.load_into`; auxiliary-head entries are dropped when
+            ``aux_heads`` is False.
         weights_prefix: prefix that the keys in ``weights`` carry and that is stripped
             (keys without it are ignored), e.g. ``"backbone."``.
         backbone_only: load only the detail and semantic branches from ``weights``.
+        weights_strict: a ``weights`` or ``backbone_weights`` file that does not fit
+            exactly (missing, unexpected or mis-shaped keys) is an error; with False what
+            fits is loaded and what was skipped is logged.
+        backbone_weights: optional local file in the layout of CoinCheung/BiSeNet's
+            ImageNet-pretrained ``backbone_v2.pth`` (a dict with ``"detail"`` and
+            ``"segment"`` state dicts), loaded into the two branches before ``weights``.
+        bga_upsample: "bilinear" (default, the behaviour of earlier seg checkpoints and of
+            mmsegmentation) or "nearest" (CoinCheung/BiSeNet) upsampling in the BGA layer.
+        bga_pointwise_bias: give the BGA's two 1x1 convolutions a bias (mmsegmentation).
     """
 
     def __init__(
@@ -300,6 +326,10 @@ class BiSeNetV2(nn.Module):
         weights: str | None = None,
         weights_prefix: str = "",
         backbone_only: bool = False,
+        weights_strict: bool = True,
+        backbone_weights: str | None = None,
+        bga_upsample: str = "bilinear",
+        bga_pointwise_bias: bool = False,
     ) -> None:
         super().__init__()
         if num_classes < 1:
@@ -307,7 +337,7 @@ class BiSeNetV2(nn.Module):
         self.num_classes = num_classes
         self.detail = DetailBranch()
         self.semantic = SemanticBranch()
-        self.bga = BilateralGuidedAggregation(128)
+        self.bga = BilateralGuidedAggregation(128, bga_upsample, bga_pointwise_bias)
         self.head = SegmentHead(128, 1024, num_classes, upsample=8)
         self.aux_heads: nn.ModuleDict | None = None
         if aux_heads:
@@ -318,15 +348,23 @@ class BiSeNetV2(nn.Module):
                 }
             )
         self.init_weights()
+        if backbone_weights is not None:
+            self.load_backbone(backbone_weights, strict=weights_strict)
         if weights is not None:
             load_weights(
                 self,
                 weights,
                 prefix=weights_prefix,
-                only=BACKBONE_PREFIXES if backbone_only else None,
-                # A training checkpoint loaded for deployment: its aux heads are expected extras.
-                ignore=() if aux_heads else ("aux_heads.",),
+                only=BACKBONE_MODULES if backbone_only else None,
+                strict=weights_strict,
             )
+
+    def load_backbone(self, path: str, strict: bool = True) -> None:
+        """Load a ``backbone_v2.pth``-layout file (``{"detail": sd, "segment": sd}`` in
+        CoinCheung/BiSeNet's names) into the detail and semantic branches."""
+        converted = convert_backbone(read_weights_file(path), str(path))
+        branches = nn.ModuleDict({name: self.get_submodule(name) for name in BACKBONE_MODULES})
+        load_into(branches, converted.state, path, strict=strict)
 
     def init_weights(self) -> None:
         """Kaiming-normal convolutions (fan_out), zero biases, BN at 1/0, zero-init BNs,

@@ -1,30 +1,47 @@
-"""Loading model weights from a local file, with a clear report of what did not fit.
+"""Loading model weights: one strict loader with a report, and safe reading of weight files.
 
-Nothing is downloaded: pretrained weights are a file the user points to. The file is read
-with ``torch.load(..., weights_only=True)`` so that a hostile file cannot run code. It may
-hold a raw state dict or a ``seg`` checkpoint (a dict with a ``"model"`` key).
+:func:`load_into` is the one function that puts a state dict into a model, for
+``model.weights=`` and for the checkpoint loaders of eval, predict and export. It is strict
+by default: a state dict that does not fit stops with one line naming the source, the
+counts and the first offending keys.
+
+Nothing is downloaded: weights are a local file the user points to. Files are read with
+``torch.load(..., weights_only=True)`` so that a hostile file cannot run code; both the
+zip format of ``torch.save`` (PyTorch >= 1.6) and the older format of published
+checkpoints are accepted.
 """
 
 from __future__ import annotations
 
 import logging
+import pickle
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
 
+from seg.engine.checkpoint import load_checkpoint
 from seg.errors import CheckpointError
 
 logger = logging.getLogger(__name__)
 
-
 #: Key prefixes added by wrappers: DistributedDataParallel and torch.compile.
 WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+#: State-dict prefix of the auxiliary heads (training only; absent from deployment models).
+AUX_HEADS_PREFIX = "aux_heads."
+#: Model arguments that name weight files read while the model is built. Loaders that take
+#: every weight from a checkpoint (eval, predict, export) set these to None first.
+WEIGHT_FILE_ARGUMENTS = ("weights", "backbone_weights")
+#: How many offending keys an error message shows per category.
+SHOWN_KEYS = 3
+#: A pickle of protocol 2, which is how the pre-zip ``torch.save`` format starts.
+LEGACY_TORCH_HEAD = b"\x80\x02"
 
 
-def strip_wrapper_prefixes(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def strip_wrapper_prefixes(state: Mapping[str, Any]) -> dict[str, Any]:
     """Drop a wrapper prefix (``module.``, ``_orig_mod.``) that every key carries."""
     cleaned = dict(state)
     for prefix in WRAPPER_PREFIXES:
@@ -33,33 +50,52 @@ def strip_wrapper_prefixes(state: Mapping[str, torch.Tensor]) -> dict[str, torch
     return cleaned
 
 
+def _shown(keys: Sequence[str]) -> str:
+    return ", ".join(keys[:SHOWN_KEYS]) + (", ..." if len(keys) > SHOWN_KEYS else "")
+
+
 @dataclass
 class WeightsReport:
-    """What ``load_weights`` did: loaded keys, and keys that were missing, unexpected or
-    of the wrong shape (these last ones are skipped, not loaded)."""
+    """What :func:`load_into` did with a state dict.
 
-    path: str
+    ``loaded``: keys copied into the model. ``missing``: model keys the state lacks.
+    ``unexpected``: state keys the model lacks. ``mismatched``: keys present in both with
+    other shapes, as ``"key (state shape) vs model (shape)"``. ``dropped``: auxiliary-head
+    entries left out because the model was built without auxiliary heads (not a problem).
+    """
+
+    source: str
     loaded: list[str] = field(default_factory=list)
     missing: list[str] = field(default_factory=list)
     unexpected: list[str] = field(default_factory=list)
     mismatched: list[str] = field(default_factory=list)
+    dropped: list[str] = field(default_factory=list)
 
-    def summary(self) -> str:
-        """One line: counts per category, and the first few keys of each problem list."""
-        parts = [f"loaded {len(self.loaded)} tensors from {self.path}"]
+    @property
+    def fits(self) -> bool:
+        """True when nothing was missing, unexpected or of the wrong shape."""
+        return not (self.missing or self.unexpected or self.mismatched)
+
+    def problems(self) -> str:
+        """Counts and first keys of each problem category, e.g. ``"2 missing (a, b)"``."""
+        parts = []
         for label, keys in (
             ("missing", self.missing),
             ("unexpected", self.unexpected),
             ("shape-mismatched", self.mismatched),
         ):
             if keys:
-                shown = ", ".join(keys[:5]) + (", ..." if len(keys) > 5 else "")
-                parts.append(f"{len(keys)} {label} ({shown})")
+                parts.append(f"{len(keys)} {label} ({_shown(keys)})")
         return "; ".join(parts)
 
-
-#: Key prefix of the auxiliary heads, which a deployment model is built without.
-AUX_PREFIX = "aux_heads."
+    def summary(self) -> str:
+        """One line: what was loaded from where, then any problems and dropped entries."""
+        parts = [f"loaded {len(self.loaded)} tensors from {self.source}"]
+        if not self.fits:
+            parts.append("skipped " + self.problems())
+        if self.dropped:
+            parts.append(f"dropped {len(self.dropped)} auxiliary-head entries")
+        return "; ".join(parts)
 
 
 def load_into(
@@ -69,75 +105,148 @@ def load_into(
     *,
     strict: bool = True,
 ) -> WeightsReport:
-    """Load ``state`` into ``model``: the one way a state dict becomes a model's weights.
-
-    Wrapper prefixes (``module.``, ``_orig_mod.``) are stripped; entries of the auxiliary
-    heads are dropped when ``model`` was built without them (a training checkpoint loaded
-    for deployment), and only then.
+    """Load ``state`` into ``model`` and report what fitted.
 
     Args:
-        model: the module to fill.
-        state: a state dict (e.g. a checkpoint's ``"model"``).
-        source: the file it came from, named in messages.
-        strict: any missing, unexpected or shape-mismatched key is an error; otherwise
-            what fits is loaded and what was skipped is logged.
+        model: the module to fill; where nothing is loaded it keeps its initialisation.
+        state: a state dict; a wrapper prefix (``module.``, ``_orig_mod.``) that every key
+            carries is stripped. Entries under ``aux_heads.`` are dropped when ``model`` has
+            no auxiliary heads (a training checkpoint loaded for deployment), and only then.
+        source: where ``state`` came from (a path), named in messages.
+        strict: any missing, unexpected or shape-mismatched key raises; otherwise what fits
+            is loaded and what was skipped is logged as a warning.
+    Returns:
+        A :class:`WeightsReport`.
     Raises:
-        CheckpointError: ``strict`` and the weights do not fit: one line with the count and
-            the first keys of the first kind of misfit.
+        CheckpointError: one line naming ``source``, the counts and the first offending
+            keys (strict), or nothing at all fits (either mode).
     """
     cleaned = strip_wrapper_prefixes(state)
-    expected = model.state_dict()
-    if not any(key.startswith(AUX_PREFIX) for key in expected):
-        cleaned = {k: v for k, v in cleaned.items() if not k.startswith(AUX_PREFIX)}
-    report = WeightsReport(path=str(source))
-    report.missing = sorted(set(expected) - set(cleaned))
-    report.unexpected = sorted(set(cleaned) - set(expected))
-    report.mismatched = sorted(
-        f"{k} {tuple(cleaned[k].shape)} in the file vs {tuple(expected[k].shape)} in the model"
-        for k in set(expected) & set(cleaned)
-        if cleaned[k].shape != expected[k].shape
-    )
-    fitting = {k: v for k, v in cleaned.items() if k in expected and v.shape == expected[k].shape}
-    report.loaded = sorted(fitting)
-    if strict:
-        for label, keys in (
-            ("missing keys", report.missing),
-            ("unexpected keys", report.unexpected),
-            ("shape mismatches", report.mismatched),
-        ):
-            if keys:
-                shown = ", ".join(keys[:3]) + (", ..." if len(keys) > 3 else "")
-                raise CheckpointError(
-                    f"{source}: weights do not fit the model: {len(keys)} {label} ({shown})"
-                )
-    model.load_state_dict(fitting, strict=strict)
-    if report.missing or report.unexpected or report.mismatched:
+    target = model.state_dict()
+    model_has_aux = any(key.startswith(AUX_HEADS_PREFIX) for key in target)
+    report = WeightsReport(source=str(source))
+    to_load: dict[str, torch.Tensor] = {}
+    for key, value in cleaned.items():
+        if key not in target:
+            if key.startswith(AUX_HEADS_PREFIX) and not model_has_aux:
+                report.dropped.append(key)
+            else:
+                report.unexpected.append(key)
+        elif not isinstance(value, torch.Tensor):
+            report.mismatched.append(f"{key} ({type(value).__name__}, not a tensor)")
+        elif value.shape != target[key].shape:
+            report.mismatched.append(
+                f"{key} {tuple(value.shape)} vs model {tuple(target[key].shape)}"
+            )
+        else:
+            to_load[key] = value
+    report.missing = [key for key in target if key not in cleaned]
+    report.loaded = sorted(to_load)
+    name = type(model).__name__
+    if strict and not report.fits:
+        raise CheckpointError(f"weights from {source} do not fit {name}: {report.problems()}")
+    if not to_load and target:
+        raise CheckpointError(
+            f"no tensor of {source} fits {name}: {report.problems() or 'the state is empty'}"
+        )
+    model.load_state_dict(to_load, strict=report.fits)
+    if report.fits:
+        logger.info("weights: %s", report.summary())
+    else:
         logger.warning("weights: %s", report.summary())
     return report
 
 
-def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
-    """Read a raw state dict or the ``"model"`` entry of a checkpoint from ``path``.
+# ------------------------------------------------------------------------- reading files
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {text[0]}" if text else type(error).__name__
+
+
+def _load_legacy(path: Path) -> Any:
+    """``torch.load(weights_only=True)`` of a pre-zip ``torch.save`` file, one-line errors."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        detail = next(
+            (ln.strip() for ln in str(error).splitlines() if "GLOBAL" in ln or "Unsupported" in ln),
+            "",
+        )
+        if detail:  # the weights-only unpickler refused a global: nothing was run
+            raise CheckpointError(
+                f"refused to load {path}: it holds objects other than tensors and plain "
+                f"containers, which could run code when unpickled ({detail[:160]})"
+            ) from None
+        raise CheckpointError(
+            f"{path} is truncated or corrupt ({_first_line(error)[:160]})"
+        ) from None
+    except (EOFError, RuntimeError) as error:
+        raise CheckpointError(
+            f"{path} is truncated or corrupt ({_first_line(error)[:160]})"
+        ) from None
+    except Exception as error:
+        raise CheckpointError(f"cannot load {path}: {_first_line(error)[:200]}") from None
+
+
+def read_weights_file(path: str | Path) -> dict[str, Any]:
+    """The dict stored in a ``torch.save`` file, read without running code.
+
+    Zip files (PyTorch >= 1.6) go through :func:`seg.engine.checkpoint.load_checkpoint`;
+    files in the older format (many published checkpoints) are read with the same
+    weights-only unpickler.
 
     Raises:
-        CheckpointError: the file is missing, unreadable, or holds no tensor mapping.
+        CheckpointError: one line naming ``path``: missing, empty, not a PyTorch file,
+            truncated, holding objects that could run code, or not holding a dict.
     """
     path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"weights file not found: {path}")
-    try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # pickle, zip and unsafe-type errors all mean "not usable"
-        raise CheckpointError(f"cannot read weights file {path}: {error}") from error
-    if isinstance(payload, Mapping) and isinstance(payload.get("model"), Mapping):
-        payload = payload["model"]
-    if not isinstance(payload, Mapping) or not all(
-        isinstance(key, str) and isinstance(value, torch.Tensor) for key, value in payload.items()
+    head = b""
+    if path.is_file():
+        try:
+            with path.open("rb") as file:
+                head = file.read(len(LEGACY_TORCH_HEAD))
+        except OSError as error:
+            raise CheckpointError(f"cannot read {path}: {_first_line(error)}") from None
+    if head != LEGACY_TORCH_HEAD:
+        return load_checkpoint(path, map_location="cpu", required_keys=())
+    payload = _load_legacy(path)
+    if not isinstance(payload, dict):
+        raise CheckpointError(f"{path} holds a {type(payload).__name__}, not a dict of weights")
+    return payload
+
+
+def _is_state_dict(value: Any) -> bool:
+    return isinstance(value, Mapping) and all(
+        isinstance(key, str) and isinstance(item, torch.Tensor) for key, item in value.items()
+    )
+
+
+def state_dict_of(payload: Mapping[str, Any], path: str | Path) -> dict[str, torch.Tensor]:
+    """The state dict inside a weights file's dict: the dict itself, or its ``model``
+    (seg checkpoint) or ``state_dict`` (mmsegmentation / mmengine checkpoint) entry.
+
+    Raises:
+        CheckpointError: none of these is a mapping of names to tensors.
+    """
+    for key in ("model", "state_dict"):
+        if _is_state_dict(payload.get(key)):
+            return dict(payload[key])
+    if _is_state_dict(payload) and payload:
+        return dict(payload)
+    hint = ""
+    if {"detail", "segment"} <= set(payload) and all(
+        _is_state_dict(payload[k]) for k in ("detail", "segment")
     ):
-        raise CheckpointError(
-            f"weights file {path} holds neither a state dict nor a checkpoint with a 'model' key"
-        )
-    return dict(payload)
+        hint = " (it looks like a backbone file: use model.backbone_weights=PATH)"
+    raise CheckpointError(
+        f"{path} holds neither a state dict nor a checkpoint with a 'model' or 'state_dict' "
+        f"state dict (top-level keys: {_shown(sorted(map(str, payload)))}){hint}"
+    )
+
+
+def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """Read a raw state dict, or the state dict of a checkpoint, from ``path``."""
+    return state_dict_of(read_weights_file(path), path)
 
 
 def load_weights(
@@ -146,63 +255,42 @@ def load_weights(
     *,
     prefix: str = "",
     only: Sequence[str] | None = None,
-    ignore: Sequence[str] = (),
+    strict: bool = True,
 ) -> WeightsReport:
-    """Load tensors from ``path`` into ``model`` where names and shapes match.
+    """Load the weights file ``path`` into ``model`` with :func:`load_into`.
 
     Args:
-        model: the module to fill (its initialisation stays where nothing is loaded).
-        path: local file with a state dict or a checkpoint dict with a ``"model"`` key.
+        model: the module to fill.
+        path: local file with a state dict or a checkpoint (``model`` / ``state_dict``).
         prefix: keys in the file start with this prefix (e.g. ``"backbone."``); it is
-            stripped and keys without it are ignored. A DDP ``"module."`` prefix is
-            stripped in any case.
-        only: load only model keys starting with one of these prefixes (e.g.
-            ``("detail.", "semantic.")`` for the backbone); other model keys are
-            neither loaded nor reported missing, other file keys not reported unexpected.
-        ignore: file keys (after prefix stripping) starting with one of these prefixes
-            are dropped silently, e.g. ``("aux_heads.",)`` for a model built without them.
-    Returns:
-        A ``WeightsReport``; its summary is logged (a warning when anything did not fit).
+            stripped and keys without it are ignored.
+        only: names of top-level submodules of ``model`` to load (e.g. ``("detail",
+            "semantic")`` for the backbone); other submodules keep their initialisation
+            and file keys outside them are ignored.
+        strict: as in :func:`load_into`.
     Raises:
-        CheckpointError: the file is missing or unreadable, or nothing in it matches.
+        CheckpointError: the file is unreadable or does not fit. A state dict in the layout
+            of a published BiSeNetV2 (CoinCheung/BiSeNet, mmsegmentation) is named, with
+            the converter to run.
     """
-    source = read_state_dict(path)
-    stripped: dict[str, torch.Tensor] = {}
-    for key, value in source.items():
-        key = key.removeprefix("module.")
-        if prefix:
-            if not key.startswith(prefix):
-                continue
-            key = key[len(prefix) :]
-        if not key.startswith(tuple(ignore)):
-            stripped[key] = value
+    state = strip_wrapper_prefixes(read_state_dict(path))
+    if prefix:
+        state = {
+            key[len(prefix) :]: value for key, value in state.items() if key.startswith(prefix)
+        }
+    target: nn.Module = model
+    if only is not None:
+        target = nn.ModuleDict({name: model.get_submodule(name) for name in only})
+        state = {key: value for key, value in state.items() if key.split(".", 1)[0] in only}
+    try:
+        return load_into(target, state, path, strict=strict)
+    except CheckpointError as error:
+        from seg.models.convert import guess_format  # local: convert imports this module
 
-    def selected(key: str) -> bool:
-        return only is None or key.startswith(tuple(only))
-
-    target = {key: value for key, value in model.state_dict().items() if selected(key)}
-    report = WeightsReport(path=str(path))
-    to_load: dict[str, torch.Tensor] = {}
-    for key, value in stripped.items():
-        if key not in target:
-            if selected(key):
-                report.unexpected.append(key)
-        elif value.shape != target[key].shape:
-            report.mismatched.append(
-                f"{key} {tuple(value.shape)} vs model {tuple(target[key].shape)}"
-            )
-        else:
-            to_load[key] = value
-    report.missing = [key for key in target if key not in to_load and key not in stripped]
-    report.loaded = sorted(to_load)
-    if not to_load:
-        raise CheckpointError(
-            f"no tensor in weights file {path} matches the model (prefix {prefix!r}); "
-            f"{report.summary()}"
-        )
-    model.load_state_dict(to_load, strict=False)
-    if report.missing or report.unexpected or report.mismatched:
-        logger.warning("weights: %s", report.summary())
-    else:
-        logger.info("weights: %s", report.summary())
-    return report
+        source_format = guess_format(state)
+        if source_format in ("coincheung", "mmseg"):
+            raise CheckpointError(
+                f"{error}; {path} is a {source_format} BiSeNetV2 state dict: convert it first "
+                f"with python tools/convert_weights.py src={path} out=converted.pt"
+            ) from None
+        raise
