@@ -2,14 +2,15 @@
 converter (``tools/convert_weights.py``), ``model.backbone_weights`` and the converted
 checkpoint in eval, predict, export and fine-tuning.
 
-The CoinCheung fixture (``tests/fixtures/coincheung_bisenetv2``) holds the reference
-model's outputs under deterministic weights rebuilt here from its README's recipe; the
-mmsegmentation fixture is the key list derived from its source (``derive_keys.py``).
+Both fixtures (``tests/fixtures/coincheung_bisenetv2``, ``tests/fixtures/mmseg_bisenetv2``)
+hold the outputs of the source project's own model under deterministic weights, which are
+rebuilt here from the recipe in their READMEs.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import math
 import subprocess
 import sys
@@ -32,7 +33,7 @@ from seg.predict import load_inference_model
 REPO = Path(__file__).resolve().parents[1]
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 COINCHEUNG = FIXTURES / "coincheung_bisenetv2"
-MMSEG_KEYS = FIXTURES / "mmseg_bisenetv2" / "keys.json"
+MMSEG = FIXTURES / "mmseg_bisenetv2"
 TOLERANCE = 1e-5
 HEADS = ("main", "aux2", "aux3", "aux4", "aux5_4")
 CITYSCAPES_MEAN, CITYSCAPES_STD = [0.3257, 0.3690, 0.3223], [0.2112, 0.2148, 0.2115]
@@ -207,18 +208,26 @@ def test_backbone_file_round_trip(reference: dict, tmp_path: Path) -> None:
 
 
 @pytest.fixture(scope="module")
-def mmseg_state() -> dict[str, torch.Tensor]:
-    entries = json.loads(MMSEG_KEYS.read_text())["keys"]
-    return recipe_weights(entries, seed_base=7)
+def mmseg() -> dict:
+    meta = json.loads((MMSEG / "keys.json").read_text())
+    generator = torch.Generator().manual_seed(meta["seed_base"])
+    with np.load(MMSEG / "reference_outputs.npz") as npz:
+        outputs = {key: npz[key] for key in npz.files}
+    return {
+        "state": recipe_weights(meta["keys"], meta["seed_base"]),
+        "input": torch.randn(meta["input_shape"], generator=generator),
+        "outputs": outputs,
+    }
 
 
-def test_mmseg_keys_map_one_to_one_onto_our_deployment_model(mmseg_state: dict) -> None:
-    conversion = convert_state_dict({f"module.{k}": v for k, v in mmseg_state.items()}, "auto")
+def test_mmseg_fixture_reproduced_number_for_number(mmseg: dict) -> None:
+    state = mmseg["state"]
+    conversion = convert_state_dict({f"module.{k}": v for k, v in state.items()}, "auto")
     assert conversion.source_format == "mmseg"
     dropped = [key for key, _ in conversion.dropped]
-    assert dropped == [k for k in mmseg_state if k.startswith("auxiliary_head.")]
+    assert dropped == [k for k in state if k.startswith("auxiliary_head.")]
     assert len(dropped) == 4 * (2 * 6 + 2)  # four FCN heads: two ConvModules and conv_seg
-    assert len(conversion.mapped) + len(dropped) == len(mmseg_state)
+    assert len(conversion.mapped) + len(dropped) == len(state) == 385
     settings = conversion.model_settings()
     assert settings == {
         "num_classes": 19,
@@ -226,6 +235,25 @@ def test_mmseg_keys_map_one_to_one_onto_our_deployment_model(mmseg_state: dict) 
         "bga_upsample": "bilinear",
         "bga_pointwise_bias": True,
     }
+    model = BiSeNetV2(**settings)
+    assert load_into(model, conversion.state, "mmseg", strict=True).fits
+    logits, _ = reference_mode_outputs(model, mmseg["input"])
+    expected = mmseg["outputs"]
+    assert np.abs(on_grid(logits, expected) - expected["main"]).max() < TOLERANCE
+    assert np.array_equal(logits.argmax(1).numpy(), expected["main_argmax"])
+    sums = logits.double().sum(dim=(0, 2, 3)).numpy()
+    assert np.abs(sums - expected["main_sum"]).max() < 64 * 128 * TOLERANCE
+    # Without the two BGA biases, or with nearest upsampling, the logits differ.
+    for other in ({"bga_upsample": "nearest"}, {"bga_pointwise_bias": False}):
+        variant = BiSeNetV2(**{**settings, **other})
+        load_into(variant, conversion.state, "mmseg", strict=False)
+        changed, _ = reference_mode_outputs(variant, mmseg["input"])
+        assert np.abs(on_grid(changed, expected) - expected["main"]).max() > 1e-2, other
+
+
+def test_mmseg_keys_map_one_to_one_onto_our_deployment_model(mmseg: dict) -> None:
+    conversion = convert_state_dict(mmseg["state"], "mmseg")
+    settings = conversion.model_settings()
     ours = BiSeNetV2(**settings).state_dict()
     assert sorted(conversion.state) == sorted(ours)
     assert all(conversion.state[k].shape == ours[k].shape for k in ours)
@@ -239,19 +267,15 @@ def test_mmseg_keys_map_one_to_one_onto_our_deployment_model(mmseg_state: dict) 
         == "semantic.s5_5.bn.running_var"
     )
     assert pairs["decode_head.conv_seg.weight"] == "head.classifier.weight"
-    # The two BGA biases reach the output.
-    model = BiSeNetV2(**settings)
-    load_into(model, conversion.state, "mmseg")
-    images = torch.randn(1, 3, 64, 64)
-    with torch.no_grad():
-        before = model.eval()(images)
-        model.bga.semantic_keep[1].bias.add_(1.0)
-        assert not torch.allclose(before, model(images))
+    assert pairs["backbone.semantic.stage2.0.shortcut.0.pointwise_conv.bn.weight"] == (
+        "semantic.s3.0.shortcut.1.bn.weight"
+    )
 
 
-def test_mmseg_checkpoint_stores_its_normalisation(mmseg_state: dict, tmp_path: Path) -> None:
+def test_mmseg_checkpoint_stores_its_normalisation(mmseg: dict, tmp_path: Path) -> None:
     src = tmp_path / "bisenetv2_fcn_4x4_1024x1024_160k_cityscapes.pth"
-    torch.save({"meta": {"CLASSES": ("road",), "iter": 160000}, "state_dict": mmseg_state}, src)
+    meta = {"CLASSES": ("road",), "iter": 160000}
+    torch.save({"meta": meta, "state_dict": mmseg["state"]}, src)
     summary = convert_checkpoint(src, tmp_path / "mmseg.pt")
     config = load_checkpoint(tmp_path / "mmseg.pt")["config"]
     assert config["dataset"]["mean"] == pytest.approx([0.485, 0.456, 0.406], abs=1e-12)
@@ -303,9 +327,14 @@ def test_converted_checkpoint_contents(converted: Path, reference: dict) -> None
 
 
 def test_model_weights_fine_tunes_from_the_converted_checkpoint(
-    converted: Path, reference: dict
+    converted: Path, reference: dict, caplog: pytest.LogCaptureFixture
 ) -> None:
-    model = BiSeNetV2(19, weights=str(converted), bga_upsample="nearest")  # strict
+    with caplog.at_level(logging.WARNING, logger="seg.models.weights"):
+        model = BiSeNetV2(19, weights=str(converted), bga_upsample="nearest")  # strict
+        assert caplog.records == []
+        BiSeNetV2(19, weights=str(converted))  # the default bilinear BGA: loads, and warns
+    (record,) = caplog.records
+    assert "bga_upsample='nearest', this model has bga_upsample='bilinear'" in record.message
     _, heads = reference_mode_outputs(model, reference["input"])
     assert (
         np.abs(on_grid(heads["aux4"], reference["outputs"]) - reference["outputs"]["aux4"]).max()

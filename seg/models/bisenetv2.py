@@ -357,6 +357,7 @@ class BiSeNetV2(nn.Module):
                 prefix=weights_prefix,
                 only=BACKBONE_MODULES if backbone_only else None,
                 strict=weights_strict,
+                settings={"bga_upsample": bga_upsample, "bga_pointwise_bias": bga_pointwise_bias},
             )
 
     def load_backbone(self, path: str, strict: bool = True) -> None:

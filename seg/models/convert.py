@@ -20,7 +20,8 @@ The mapping is a table from source module paths to ours (:func:`module_table`); 
 renamed by its longest module prefix in the table, so ``conv.weight`` / ``bn.running_var``
 leaves follow their module. Every source key is mapped or dropped with a reason; anything
 else is an error. Shapes are checked when the result is loaded into a model
-(:func:`seg.models.weights.load_into`).
+(:func:`seg.models.weights.load_into`). Both layouts are checked number for number against
+the source projects' own models (``tests/fixtures/*_bisenetv2``; docs/weights.md).
 """
 
 from __future__ import annotations

@@ -249,6 +249,22 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     return state_dict_of(read_weights_file(path), path)
 
 
+def _warn_on_other_settings(
+    payload: Mapping[str, Any], settings: Mapping[str, Any], path: str | Path
+) -> None:
+    config = payload.get("config")
+    stored = config.get("model") if isinstance(config, Mapping) else None
+    if not isinstance(stored, Mapping):
+        return
+    for key, value in settings.items():
+        if key in stored and stored[key] != value:
+            logger.warning(
+                "weights: %s comes from a model with %s=%r, this model has %s=%r: its outputs "
+                "will differ from the source's (set model.%s=%r to match)",
+                path, key, stored[key], key, value, key, stored[key],
+            )  # fmt: skip
+
+
 def load_weights(
     model: nn.Module,
     path: str | Path,
@@ -256,6 +272,7 @@ def load_weights(
     prefix: str = "",
     only: Sequence[str] | None = None,
     strict: bool = True,
+    settings: Mapping[str, Any] | None = None,
 ) -> WeightsReport:
     """Load the weights file ``path`` into ``model`` with :func:`load_into`.
 
@@ -268,12 +285,17 @@ def load_weights(
             "semantic")`` for the backbone); other submodules keep their initialisation
             and file keys outside them are ignored.
         strict: as in :func:`load_into`.
+        settings: model arguments that change what the weights compute (e.g.
+            ``{"bga_upsample": "bilinear"}``); where the file is a seg checkpoint whose
+            ``config.model`` stored another value, a warning names both.
     Raises:
         CheckpointError: the file is unreadable or does not fit. A state dict in the layout
             of a published BiSeNetV2 (CoinCheung/BiSeNet, mmsegmentation) is named, with
             the converter to run.
     """
-    state = strip_wrapper_prefixes(read_state_dict(path))
+    payload = read_weights_file(path)
+    _warn_on_other_settings(payload, settings or {}, path)
+    state = strip_wrapper_prefixes(state_dict_of(payload, path))
     if prefix:
         state = {
             key[len(prefix) :]: value for key, value in state.items() if key.startswith(prefix)
