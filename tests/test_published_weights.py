@@ -475,6 +475,12 @@ def test_cli_bad_input_exits_2_with_one_line(tmp_path: Path, reference: dict) ->
     assert not (tmp_path / "out.pt").exists() and not (tmp_path / "pwned").exists()
     result = run_tool("convert_weights.py", "out=out.pt", cwd=tmp_path)
     assert result.returncode == 2 and result.stderr.strip() == "error: src=PATH is required"
+    result = run_tool(
+        "convert_weights.py", f"src={src}", "out=out.pt", "formta=mmseg", cwd=tmp_path
+    )
+    assert result.returncode == 2
+    (line,) = result.stderr.strip().splitlines()
+    assert line.startswith("error: unknown setting 'formta' (expected one of: src, out, format")
 
 
 @pytest.mark.slow
@@ -515,6 +521,12 @@ def test_cli_convert_then_eval_predict_export(
     result = run_tool("export.py", f"ckpt={ckpt}", "out=model.onnx", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert "max |diff|" in result.stdout and (tmp_path / "model.onnx").is_file()
+
+    help_dir = tmp_path / "help"
+    help_dir.mkdir()
+    result = run_tool("convert_weights.py", "--help", cwd=help_dir)
+    assert result.returncode == 0 and "dataset_config" in result.stdout
+    assert not list(help_dir.iterdir())  # --help writes nothing
 
 
 @pytest.mark.slow
