@@ -321,7 +321,9 @@ def test_weights_report_missing_unexpected_and_mismatched(
     path = tmp_path / "partial.pt"
     torch.save(state, path)
     net = BiSeNetV2(7)  # 7 classes: the classifier layers do not fit
-    with pytest.raises(CheckpointError, match=r"1 missing .* 1 unexpected .* 10 shape-mismatched"):
+    with pytest.raises(
+        CheckpointError, match=r"1 missing keys .* 1 unexpected keys .* 10 shape mismatches"
+    ):
         load_weights(net, path)  # strict by default
     with caplog.at_level(logging.WARNING, logger="seg.models.weights"):
         report = load_weights(net, path, strict=False)
@@ -366,7 +368,7 @@ def test_bad_weights_files_raise_checkpoint_error(tmp_path: Path) -> None:
         BiSeNetV2(3, weights=str(garbage))
     unrelated = tmp_path / "unrelated.pt"
     torch.save({"foo": torch.zeros(2)}, unrelated)
-    with pytest.raises(CheckpointError, match=r"do not fit BiSeNetV2: .* 1 unexpected"):
+    with pytest.raises(CheckpointError, match=r"do not fit BiSeNetV2: .* 1 unexpected keys"):
         BiSeNetV2(3, weights=str(unrelated))
     with pytest.raises(CheckpointError, match=r"no tensor of .* fits"):
         BiSeNetV2(3, weights=str(unrelated), weights_strict=False)

@@ -70,10 +70,10 @@ def test_aux_heads_are_dropped_only_for_a_model_without_them(
     main_only = {key: value for key, value in state.items() if not key.startswith("aux_heads.")}
     with pytest.raises(CheckpointError) as error:
         load_into(BiSeNetV2(19), main_only, "deploy.pt")
-    assert f"{len(aux_keys)} missing (aux_heads." in one_line(error)
+    assert f"{len(aux_keys)} missing keys (aux_heads." in one_line(error)
     # Other unknown keys stay unexpected even for a deployment model.
     extra = {**state, "aux_headsX.w": torch.zeros(1), "other.w": torch.zeros(1)}
-    with pytest.raises(CheckpointError, match="2 unexpected"):
+    with pytest.raises(CheckpointError, match="2 unexpected keys"):
         load_into(BiSeNetV2(19, aux_heads=False), extra, "extra.pt")
 
 
@@ -94,13 +94,13 @@ def test_strict_error_names_source_counts_and_first_keys(state: dict) -> None:
     message = one_line(error)
     assert message.startswith("weights from /data/partial.pt do not fit BiSeNetV2: ")
     assert (
-        "4 missing (detail.s1.0.conv.weight, bga.fuse.conv.weight, bga.fuse.bn.weight, ...)"
+        "4 missing keys (detail.s1.0.conv.weight, bga.fuse.conv.weight, bga.fuse.bn.weight, ...)"
         in message
     )
-    assert "1 unexpected (not.a.layer)" in message
+    assert "1 unexpected keys (not.a.layer)" in message
     assert (
-        "10 shape-mismatched (" in message
-        and "(19, 1024, 1, 1) vs model (7, 1024, 1, 1)" in message
+        "10 shape mismatches (" in message
+        and "(19, 1024, 1, 1) in the file vs (7, 1024, 1, 1) in the model" in message
     )
     # Nothing was loaded.
     assert all(torch.equal(value, before[key]) for key, value in net.state_dict().items())
@@ -121,7 +121,7 @@ def test_non_strict_loads_what_fits_and_warns(
     (record,) = caplog.records
     assert record.levelno == logging.WARNING
     assert (
-        "skipped 1 unexpected (extra.w); 10 shape-mismatched (head.classifier.weight"
+        "skipped 1 unexpected keys (extra.w); 10 shape mismatches (head.classifier.weight"
         in record.message
     )
 
@@ -192,10 +192,10 @@ def test_model_weights_is_strict_by_default(state: dict, tmp_path: Path, caplog)
     torch.save({"model": state, "config": {}}, path)
     with pytest.raises(CheckpointError) as error:
         BiSeNetV2(7, weights=str(path))
-    assert "10 shape-mismatched" in one_line(error) and str(path) in str(error.value)
+    assert "10 shape mismatches" in one_line(error) and str(path) in str(error.value)
     with caplog.at_level(logging.WARNING, logger="seg.models.weights"):
         net = BiSeNetV2(7, weights=str(path), weights_strict=False)
-    assert "skipped 10 shape-mismatched" in caplog.text
+    assert "skipped 10 shape mismatches" in caplog.text
     assert torch.equal(net.detail.s1[0].conv.weight, state["detail.s1.0.conv.weight"])
 
 

@@ -60,7 +60,7 @@ class WeightsReport:
 
     ``loaded``: keys copied into the model. ``missing``: model keys the state lacks.
     ``unexpected``: state keys the model lacks. ``mismatched``: keys present in both with
-    other shapes, as ``"key (state shape) vs model (shape)"``. ``dropped``: auxiliary-head
+    other shapes, as ``"key (shape) in the file vs (shape) in the model"``. ``dropped``: auxiliary-head
     entries left out because the model was built without auxiliary heads (not a problem).
     """
 
@@ -77,12 +77,12 @@ class WeightsReport:
         return not (self.missing or self.unexpected or self.mismatched)
 
     def problems(self) -> str:
-        """Counts and first keys of each problem category, e.g. ``"2 missing (a, b)"``."""
+        """Counts and first keys of each problem category, e.g. ``"2 missing keys (a, b)"``."""
         parts = []
         for label, keys in (
-            ("missing", self.missing),
-            ("unexpected", self.unexpected),
-            ("shape-mismatched", self.mismatched),
+            ("missing keys", self.missing),
+            ("unexpected keys", self.unexpected),
+            ("shape mismatches", self.mismatched),
         ):
             if keys:
                 parts.append(f"{len(keys)} {label} ({_shown(keys)})")
@@ -136,7 +136,7 @@ def load_into(
             report.mismatched.append(f"{key} ({type(value).__name__}, not a tensor)")
         elif value.shape != target[key].shape:
             report.mismatched.append(
-                f"{key} {tuple(value.shape)} vs model {tuple(target[key].shape)}"
+                f"{key} {tuple(value.shape)} in the file vs {tuple(target[key].shape)} in the model"
             )
         else:
             to_load[key] = value
