@@ -23,11 +23,8 @@ from seg import dist
 from seg.engine.checkpoint import load_checkpoint
 from seg.errors import CheckpointError
 from seg.instantiate import build
-from seg.models.weights import load_into
+from seg.models.weights import WEIGHT_FILE_ARGUMENTS, load_into
 from seg.visualize import generated_palette, palette_array
-
-#: Model settings that name pretrained-weight files: not read again when loading a checkpoint.
-PRETRAINED_KEYS = ("weights", "backbone_weights")
 
 
 @dataclass
@@ -103,7 +100,7 @@ def build_inference_model(model_config: Any, path: Path | str) -> nn.Module:
     if not isinstance(model_config, Mapping) or "_target_" not in model_config:
         raise CheckpointError(f"checkpoint {path}: config.model is not a node with a _target_")
     node = dict(model_config)
-    for key in PRETRAINED_KEYS:
+    for key in WEIGHT_FILE_ARGUMENTS:  # the checkpoint holds every weight
         if key in node:
             node[key] = None
     node["aux_heads"] = False

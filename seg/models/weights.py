@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from seg.engine.checkpoint import load_checkpoint
-from seg.errors import CheckpointError
+from seg.errors import CheckpointError, first_line
 
 logger = logging.getLogger(__name__)
 
@@ -158,11 +158,6 @@ def load_into(
 
 
 # ------------------------------------------------------------------------- reading files
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip().splitlines()
-    return f"{type(error).__name__}: {text[0]}" if text else type(error).__name__
-
-
 def _load_legacy(path: Path) -> Any:
     """``torch.load(weights_only=True)`` of a pre-zip ``torch.save`` file, one-line errors."""
     try:
@@ -178,14 +173,16 @@ def _load_legacy(path: Path) -> Any:
                 f"containers, which could run code when unpickled ({detail[:160]})"
             ) from None
         raise CheckpointError(
-            f"{path} is truncated or corrupt ({_first_line(error)[:160]})"
+            f"{path} is truncated or corrupt ({first_line(error, with_type=True, limit=160)})"
         ) from None
     except (EOFError, RuntimeError) as error:
         raise CheckpointError(
-            f"{path} is truncated or corrupt ({_first_line(error)[:160]})"
+            f"{path} is truncated or corrupt ({first_line(error, with_type=True, limit=160)})"
         ) from None
     except Exception as error:
-        raise CheckpointError(f"cannot load {path}: {_first_line(error)[:200]}") from None
+        raise CheckpointError(
+            f"cannot load {path}: {first_line(error, with_type=True, limit=200)}"
+        ) from None
 
 
 def read_weights_file(path: str | Path) -> dict[str, Any]:
@@ -206,7 +203,9 @@ def read_weights_file(path: str | Path) -> dict[str, Any]:
             with path.open("rb") as file:
                 head = file.read(len(LEGACY_TORCH_HEAD))
         except OSError as error:
-            raise CheckpointError(f"cannot read {path}: {_first_line(error)}") from None
+            raise CheckpointError(
+                f"cannot read {path}: {first_line(error, with_type=True)}"
+            ) from None
     if head != LEGACY_TORCH_HEAD:
         return load_checkpoint(path, map_location="cpu", required_keys=())
     payload = _load_legacy(path)
