@@ -66,3 +66,109 @@ def test_bad_config_values():
         build_train_transform(crop_size=[32, 32], scale_range=[2.0, 1.0])
     with pytest.raises(ConfigError, match="crop_size"):
         build_train_transform(crop_size=[32])
+
+
+# ------------------------------------------------------------------ crop-first pipeline
+def _scene(h=96, w=192, seed=0):
+    """A SynthCity scene with train-id labels: smooth regions, sharp edges, all classes."""
+    from seg.data.labels import cityscapes_lookup_table
+    from seg.data.synthcity import SynthCityParams, render_scene
+
+    image, ids = render_scene(SynthCityParams(height=h, width=w), np.random.default_rng(seed))
+    return image, cityscapes_lookup_table()[0][ids]
+
+
+# (crop, scale range): crops smaller and larger than the rescaled image (padding), odd
+# sizes, upscaling only, and no rescaling at all.
+SETTINGS = [
+    ([48, 96], [0.25, 2.0]),
+    ([96, 96], [0.5, 2.0]),
+    ([37, 53], [1.3, 1.7]),
+    ([150, 300], [0.5, 1.0]),
+    ([64, 100], [1.0, 1.0]),
+]
+
+
+@pytest.mark.parametrize(("crop", "scale"), SETTINGS)
+def test_crop_first_equals_resize_then_crop_for_the_same_draws(crop, scale):
+    image, label = _scene()
+    no_jitter = {"brightness": 0, "contrast": 0, "saturation": 0}
+    old = build_train_transform(crop, scale, crop_first=False, **no_jitter)
+    new = build_train_transform(crop, scale, **no_jitter)
+    for seed in range(40):
+        old_image, old_label = apply_transform(old, image, label, seed)
+        new_image, new_label = apply_transform(new, image, label, seed)
+        assert new_image.shape == old_image.shape == (*crop, 3)
+        # Same window, flip and padding; labels pick the very same source pixels.
+        assert np.array_equal(new_label, old_label), seed
+        # Bilinear weights are rounded differently by cv2.resize and cv2.warpAffine.
+        diff = np.abs(new_image.astype(int) - old_image)
+        assert diff.max() <= 1, (seed, diff.max())
+        assert np.array_equal(new_image[new_label == 255] == 0, old_image[old_label == 255] == 0)
+    # With colour jitter (the default) the draws still line up: same jitter factors. The
+    # jitter scales the 1-level rounding differences (and contrast shifts every pixel, the
+    # padding too, by the image mean, which moves with them).
+    old = build_train_transform(crop, scale, crop_first=False)
+    new = build_train_transform(crop, scale)
+    for seed in range(10):
+        old_image, old_label = apply_transform(old, image, label, seed)
+        new_image, new_label = apply_transform(new, image, label, seed)
+        diff = np.abs(new_image.astype(int) - old_image)
+        assert np.array_equal(new_label, old_label)
+        assert diff.max() <= 4 and diff.mean() < 1.0, (seed, diff.max(), diff.mean())
+
+
+def test_crop_first_label_statistics_match_over_many_samples():
+    """Class frequencies (padding included) over 300 samples: identical for the same draws,
+    and within sampling noise for independent draws of the two pipelines."""
+    image, label = _scene(seed=1)
+    old = build_train_transform([64, 128], [0.25, 2.0], crop_first=False)
+    new = build_train_transform([64, 128], [0.25, 2.0])
+
+    def histogram(transform, seeds):
+        counts = np.zeros(256)
+        for seed in seeds:
+            counts += np.bincount(
+                apply_transform(transform, image, label, seed)[1].ravel(), minlength=256
+            )
+        return counts / counts.sum()
+
+    same_old, same_new = histogram(old, range(300)), histogram(new, range(300))
+    assert np.array_equal(same_old, same_new)
+    other = histogram(new, range(1000, 1300))
+    present = same_old > 0.01
+    assert present.sum() >= 5  # several classes and the padding (255)
+    assert np.all(np.abs(other[present] - same_old[present]) < 0.25 * same_old[present] + 0.01)
+
+
+def test_crop_window_geometry():
+    from seg.data.transforms import crop_window
+
+    # 100x200 at scale 0.5 -> 50x100, centre-padded into an 80x80 crop: rows 15..65 show
+    # image (pad_top 15), and h_start picks the horizontal offset within 100 - 80 + 1.
+    window = crop_window((100, 200), (80, 80), 0.5, 0.3, 0.5)
+    assert window.scaled == (50, 100)
+    assert window.kept(0) == (15, 65) and window.top == -15
+    assert window.left == int(21 * 0.5) and window.kept(1) == (0, 80)
+    # Scaled image larger than the crop: no padding, offset within the image.
+    window = crop_window((100, 200), (80, 80), 2.0, 0.999, 0.0)
+    assert window.scaled == (200, 400) and window.top == 120 and window.left == 0
+    assert window.kept(0) == (0, 80)
+
+
+def test_crop_first_resamples_only_the_kept_region(monkeypatch):
+    """At scale 2 a 32x32 crop of a 128x256 image needs about 16x16 source pixels."""
+    from seg.data import transforms
+
+    regions = []
+    warp = transforms._warp
+    monkeypatch.setattr(
+        transforms, "_warp", lambda r, m, s: (regions.append(r.shape), warp(r, m, s))[1]
+    )
+    image, label = _pair(128, 256)
+    image.flags.writeable = label.flags.writeable = False  # as a memory-mapped cache entry
+    t = build_train_transform([32, 32], [2.0, 2.0])
+    out_image, out_label = apply_transform(t, image, label, 5)
+    assert out_image.shape == (32, 32, 3) and out_label.shape == (32, 32)
+    (shape,) = regions
+    assert shape[0] <= 16 + 4 and shape[1] <= 16 + 4  # the kept region plus the margin
