@@ -43,6 +43,7 @@ class CityscapesDataset(PairedDataset):
         transform: albumentations pipeline (``seg.data.transforms``) or None.
         label_type: ``auto`` (labelTrainIds when all present, else labelIds) or a fixed kind.
         strict: raise on the first image without a label (False: collect in ``problems``).
+        cache, cache_build: decoded cache folder and whether to build it (``PairedDataset``).
     """
 
     num_classes: ClassVar[int] = len(CITYSCAPES_CLASS_NAMES)
@@ -56,6 +57,8 @@ class CityscapesDataset(PairedDataset):
         transform=None,
         label_type: LabelType = "auto",
         strict: bool = True,
+        cache: str | Path | None = None,
+        cache_build: bool = True,
     ) -> None:
         if split not in SPLITS:
             raise ConfigError(f"unknown Cityscapes split {split!r} (expected one of {SPLITS})")
@@ -101,4 +104,6 @@ class CityscapesDataset(PairedDataset):
             else:
                 problems.append(f"image without a label (expected {label_path}): {image_path}")
         _finish(pairs, problems, strict, image_root, f"<city>/*{IMAGE_SUFFIX}")
-        super().__init__(pairs, lut, valid, transform=transform, problems=problems)
+        super().__init__(
+            pairs, lut, valid, transform, problems=problems, cache=cache, cache_build=cache_build
+        )

@@ -18,6 +18,7 @@ import cv2
 import numpy as np
 from torch.utils.data import Dataset
 
+from seg.data.cache import open_cache
 from seg.data.labels import IGNORE_INDEX, build_lookup_table, identity_lookup_table
 from seg.data.transforms import DatasetKey, apply_transform, to_sample, unpack_key
 from seg.errors import ConfigError, DatasetError
@@ -73,7 +74,9 @@ class PairedDataset(Dataset):
 
     Item: ``{"image": uint8 H x W x 3, "label": uint8 H x W (train ids, 255 ignore),
     "name": file stem}`` after ``transform``. Keys are an index or ``(index, sample_seed)``
-    (see ``seg.data.transforms.apply_transform``).
+    (see ``seg.data.transforms.apply_transform``). With ``cache`` (a folder) items are read
+    from the decoded cache of ``seg.data.cache`` instead of the PNGs (same pixels); it is
+    validated now, and built or refreshed here when ``cache_build``.
     """
 
     def __init__(
@@ -84,6 +87,8 @@ class PairedDataset(Dataset):
         transform=None,
         names: Sequence[str] | None = None,
         problems: Sequence[str] = (),
+        cache: str | Path | None = None,
+        cache_build: bool = True,
     ) -> None:
         self.pairs = list(pairs)
         self.lut = lut
@@ -92,6 +97,7 @@ class PairedDataset(Dataset):
         self.names = list(names) if names is not None else [p[0].stem for p in self.pairs]
         # Build-time problems found with strict=False (for tools/check_dataset.py).
         self.problems = list(problems)
+        self.cache = None if cache is None else open_cache(self, cache, build=cache_build)
 
     def __len__(self) -> int:
         return len(self.pairs)
@@ -116,7 +122,7 @@ class PairedDataset(Dataset):
 
     def __getitem__(self, key: DatasetKey) -> dict[str, object]:
         index, seed = unpack_key(key)
-        image, label = self.load(index)
+        image, label = self.cache.read(index) if self.cache is not None else self.load(index)
         image, label = apply_transform(self.transform, image, label, seed)
         return to_sample(image, label, self.names[index])
 
@@ -144,6 +150,7 @@ class FolderDataset(PairedDataset):
         palette: optional RGB per train id (used for visualisation only).
         id_to_trainid: optional ``{mask value: train id or 255}``.
         strict: raise on the first image without a mask (False: collect in ``problems``).
+        cache, cache_build: decoded cache folder and whether to build it (``PairedDataset``).
     """
 
     def __init__(
@@ -157,6 +164,8 @@ class FolderDataset(PairedDataset):
         mask_suffix: str = "",
         image_suffixes: Sequence[str] = IMAGE_SUFFIXES,
         strict: bool = True,
+        cache: str | Path | None = None,
+        cache_build: bool = True,
     ) -> None:
         self.class_names = [str(n) for n in class_names]
         self.num_classes = len(self.class_names)
@@ -199,4 +208,6 @@ class FolderDataset(PairedDataset):
             else:
                 problems.append(f"image without a mask (expected {mask_path}): {image_path}")
         _finish(pairs, problems, strict, image_dir, f"<stem>{{{','.join(sorted(suffixes))}}}")
-        super().__init__(pairs, lut, valid, transform=transform, problems=problems)
+        super().__init__(
+            pairs, lut, valid, transform, problems=problems, cache=cache, cache_build=cache_build
+        )
