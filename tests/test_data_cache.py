@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import re
 import subprocess
 import sys
@@ -263,3 +264,23 @@ def test_build_cache_tool_bad_input_is_one_error_line(tmp_path):
     assert done.stderr.startswith("error: dataset root not found: ")
     assert len(done.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "cache").exists()  # nothing written for a dataset that is not there
+
+
+def test_cache_reader_pickles_without_its_mappings(synthcity, tmp_path):
+    ds = CityscapesDataset(synthcity, "val", cache=tmp_path / "cache")
+    image, _ = ds.cache.read(1)
+    assert ds.cache.read(1)[0] is image  # the mapping is kept, not made again
+    clone = pickle.loads(pickle.dumps(ds.cache))  # as for a spawned loader worker
+    assert clone._mapped == {} and np.array_equal(clone.read(1)[0], image)
+
+
+@pytest.mark.slow
+def test_loader_benchmark_section_quick():
+    from seg.bench import loader as bench_loader
+    from seg.bench.timing import BenchOptions
+
+    section = bench_loader.run(BenchOptions(quick=True, warmup=1))
+    keys = {(r["crop"][0], r["source"], r["pipeline"]) for r in section.records}
+    assert len(section.records) == 8 and len(keys) == 8
+    assert all(r["images_per_s_per_worker"] > 0 for r in section.records)
+    assert "cache" in section.markdown and "x png/old" in section.markdown
