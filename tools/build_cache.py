@@ -14,8 +14,8 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
+from seg.data.build import build_dataset
 from seg.data.cache import build_cache
-from seg.data.loader import build_dataset
 from seg.errors import ConfigError, SegError
 
 

@@ -99,6 +99,10 @@ def check_split(dataset: PairedDataset, name: str) -> SplitReport:
     return report
 
 
+#: The check reads the source files themselves: no transform, no decoded cache, every problem kept.
+_UNCACHED = {"transform": None, "strict": False, "cache": None}
+
+
 def _split_datasets(dataset_cfg: DictConfig) -> list[tuple[str, PairedDataset | None, str]]:
     """Build each split without transforms: ``(name, dataset or None, error or '')``.
 
@@ -111,7 +115,7 @@ def _split_datasets(dataset_cfg: DictConfig) -> list[tuple[str, PairedDataset | 
         for split, node in wanted:
             try:
                 out.append(
-                    (split, build_dataset(node, split=split, transform=None, strict=False), "")
+                    (split, build_dataset(node, split=split, **_UNCACHED), "")
                 )
             except DatasetError as err:
                 if split == "test" and "split folder not found" in str(err):
@@ -121,7 +125,7 @@ def _split_datasets(dataset_cfg: DictConfig) -> list[tuple[str, PairedDataset | 
         for split in ("train", "val"):
             try:
                 out.append(
-                    (split, build_dataset(dataset_cfg[split], transform=None, strict=False), "")
+                    (split, build_dataset(dataset_cfg[split], **_UNCACHED), "")
                 )
             except DatasetError as err:
                 out.append((split, None, str(err)))

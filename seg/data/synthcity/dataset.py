@@ -20,6 +20,7 @@ class SynthCityDataset(CityscapesDataset):
         transform: albumentations pipeline or None.
         generator: :class:`SynthCityParams` fields (from ``dataset.generator`` in config).
         generate: False raises ``DatasetError`` instead of generating a missing dataset.
+        strict, cache, cache_build: as :class:`~seg.data.cityscapes.CityscapesDataset`.
     """
 
     def __init__(
@@ -30,6 +31,8 @@ class SynthCityDataset(CityscapesDataset):
         generator: Mapping | None = None,
         generate: bool = True,
         strict: bool = True,
+        cache: str | Path | None = None,
+        cache_build: bool = True,
     ) -> None:
         params = SynthCityParams.from_mapping(generator)
         self.params = params
@@ -39,4 +42,12 @@ class SynthCityDataset(CityscapesDataset):
             raise DatasetError(
                 f"no SynthCity dataset at {Path(root).resolve()} (run tools/make_synthcity.py)"
             )
-        super().__init__(root, split, transform=transform, label_type="labelIds", strict=strict)
+        super().__init__(
+            root,
+            split,
+            transform=transform,
+            label_type="labelIds",
+            strict=strict,
+            cache=cache,
+            cache_build=cache_build,
+        )
