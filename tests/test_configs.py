@@ -111,25 +111,92 @@ def test_synthcity_datasets_instantiate(tmp_path: Path) -> None:
     assert tuple(train[0]["image"].shape) == (32, 64, 3)
 
 
-def test_cityscapes_recipe() -> None:
-    """DESIGN.md: batch 16, crop 1024x1024, SGD momentum 0.9, lr 0.05, weight decay 5e-4
-    (not on norm layers and biases), linear warm-up 1k, poly 0.9, 160k, heads weighted 1."""
-    cfg = compose_train(["+experiment=cityscapes_ohem"])
-    assert cfg.dataset.name == "cityscapes"
-    assert list(cfg.dataset.crop_size) == [1024, 1024]
-    assert list(cfg.dataset.scale_range) == [0.5, 2.0]
-    assert cfg.loader.batch_size == 16
-    assert (cfg.optim.lr, cfg.optim.momentum, cfg.optim.weight_decay) == (0.05, 0.9, 5e-4)
-    assert cfg.optim.decay_norm_and_bias is False
-    assert (cfg.schedule.warmup, cfg.schedule.warmup_iters, cfg.schedule.power) == (
-        "linear",
-        1000,
-        0.9,
-    )
-    assert cfg.schedule.min_lr == 0.0
-    assert cfg.trainer.max_iters == 160000 and cfg.schedule.max_iters == 160000
+#: CoinCheung/BiSeNet's BiSeNetV2 Cityscapes recipe (configs/bisenetv2_city.py,
+#: tools/train_amp.py, lib/lr_scheduler.py, lib/data/transform_cv2.py at commit 6b4b67a),
+#: as config keys of cityscapes_ohem (docs/recipes.md).
+PUBLISHED_RECIPE = {
+    "model.aux_heads": True,
+    "model.bga_upsample": "nearest",
+    "loss.heads.main.loss.thresh": 0.7,
+    "loss.heads.main.loss.min_kept_ratio": 1 / 16,
+    "loss.heads.main.loss.ignore_index": 255,
+    "optim.lr": 5e-3,
+    "optim.momentum": 0.9,
+    "optim.weight_decay": 5e-4,
+    "optim.decay_norm_and_bias": False,
+    "schedule.warmup": "exp",
+    "schedule.warmup_iters": 1000,
+    "schedule.warmup_ratio": 0.1,
+    "schedule.poly_after_warmup": True,
+    "schedule.power": 0.9,
+    "schedule.min_lr": 0.0,
+    "schedule.max_iters": 150000,
+    "trainer.max_iters": 150000,
+    "trainer.amp": "fp16",
+    "loader.batch_size": 16,
+    "dataset.crop_size": [512, 1024],
+    "dataset.scale_range": [0.25, 2.0],
+    "dataset.scale_rounding": "ceil",
+    "dataset.mean": [0.3257, 0.3690, 0.3223],
+    "dataset.std": [0.2112, 0.2148, 0.2115],
+    "dataset.ignore_index": 255,
+    "eval.mode": "whole",
+    "eval.scales": [1.0],
+    "eval.flip": False,
+    "recipe.published_val_miou": 74.95,
+}
+#: The reference schedule's factor of the base rate: 0.1 ** (1 - it / 1000) during the
+#: warm-up, then (1 - (it - 1000) / (150000 - 1000)) ** 0.9.
+PUBLISHED_LR_FACTOR = {
+    0: 0.1,
+    500: 0.1**0.5,
+    1000: 1.0,
+    75500: 0.5**0.9,
+    149999: (1 / 149000) ** 0.9,
+}
+
+
+@pytest.mark.parametrize("name", ["cityscapes_ohem", "cityscapes_ce", "cityscapes_focal"])
+def test_cityscapes_recipe_is_the_published_one(name: str) -> None:
+    cfg = compose_train([f"+experiment={name}"])
+    for key, value in PUBLISHED_RECIPE.items():
+        if key.startswith("loss.") and name != "cityscapes_ohem":
+            continue  # the only difference: the loss
+        got = OmegaConf.select(cfg, key)
+        got = OmegaConf.to_container(got) if OmegaConf.is_config(got) else got
+        assert got == pytest.approx(value), key
     assert {head: spec.weight for head, spec in cfg.loss.heads.items()} == dict.fromkeys(HEADS, 1.0)
-    assert cfg.loss.heads.main.loss.thresh == 0.7
+    if name == "cityscapes_ohem":
+        assert all(h.loss.thresh == 0.7 for h in cfg.loss.heads.values())
+
+
+def test_cityscapes_recipe_parameter_groups_and_schedule() -> None:
+    """Base rate 5e-3 for the branches (detail, semantic, bga), 10x for the main and aux
+    heads; weight decay 5e-4 on 4-d weights, 0 on the 1-d parameters (BN weights, biases)."""
+    cfg = compose_train(["+experiment=cityscapes_ohem"])
+    model = instantiate(cfg.model)
+    optimizer = instantiate(cfg.optim, model=model)
+    names = {id(p): n for n, p in model.named_parameters()}
+    seen = []
+    for group in optimizer.param_groups:
+        for param in group["params"]:
+            name = names[id(param)]
+            seen.append(name)
+            is_head = name.startswith(("head.", "aux_heads."))
+            assert name.startswith(("detail.", "semantic.", "bga.", "head.", "aux_heads."))
+            assert group["lr"] == pytest.approx(5e-2 if is_head else 5e-3), name
+            assert group["weight_decay"] == (5e-4 if param.dim() == 4 else 0.0), name
+            assert param.dim() in (1, 4), name
+    assert sorted(seen) == sorted(names.values())  # every parameter once
+    scheduler = instantiate(cfg.schedule, optimizer=optimizer)
+    for iteration, factor in PUBLISHED_LR_FACTOR.items():
+        assert scheduler.lr_at(iteration, 5e-3) == pytest.approx(5e-3 * factor, rel=1e-9)
+        assert scheduler.lr_at(iteration, 5e-2) == pytest.approx(5e-2 * factor, rel=1e-9)
+    for _ in range(3):  # the live rates follow the same curve
+        optimizer.step()
+        scheduler.step()
+    rates = sorted({round(g["lr"], 12) for g in optimizer.param_groups})
+    assert rates == pytest.approx([5e-3 * 0.1 ** (1 - 3 / 1000), 5e-2 * 0.1 ** (1 - 3 / 1000)])
 
 
 @pytest.mark.parametrize("dataset", ["cityscapes", "synthcity"])
@@ -172,3 +239,24 @@ def test_documented_overrides_apply() -> None:
     readme = (CONFIGS / "README.md").read_text()
     for override in overrides[1:]:
         assert f"`{override.split('=')[0]}" in readme, override
+
+
+def test_cityscapes_recipe_says_when_it_trains_from_scratch(tmp_path: Path) -> None:
+    from seg.engine.build import from_scratch_note
+    from seg.errors import CheckpointError
+    from seg.instantiate import build
+
+    note = from_scratch_note(compose_train(["+experiment=cityscapes_ohem"]))
+    assert note is not None and "\n" not in note
+    assert "model.backbone_weights=" in note and "74.95" in note and "from scratch" in note
+    given = compose_train(["+experiment=cityscapes_ohem", "model.backbone_weights=b.pth"])
+    assert from_scratch_note(given) is None
+    assert from_scratch_note(compose_train(["+experiment=synthcity_ohem"])) is None
+    # A named backbone file that is missing or does not fit stops before anything trains.
+    for bad in (tmp_path / "missing.pth", tmp_path / "wrong.pth"):
+        if bad.name == "wrong.pth":
+            torch.save({"detail": {"x": torch.zeros(1)}, "segment": {}}, bad)
+        cfg = compose_train(["+experiment=cityscapes_ohem", f"model.backbone_weights={bad}"])
+        with pytest.raises(CheckpointError) as error:
+            build(cfg.model, "model")
+        assert str(bad) in str(error.value) and "\n" not in str(error.value)

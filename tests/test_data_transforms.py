@@ -156,6 +156,25 @@ def test_crop_window_geometry():
     assert window.kept(0) == (0, 80)
 
 
+def test_scale_rounding_up_as_the_reference_recipe():
+    """CoinCheung/BiSeNet rounds rescaled sizes up (ceil); albumentations down (int)."""
+    from seg.data.transforms import crop_window
+
+    assert crop_window((101, 203), (40, 40), 0.5, 0.0, 0.0).scaled == (50, 101)
+    assert crop_window((101, 203), (40, 40), 0.5, 0.0, 0.0, round_up=True).scaled == (51, 102)
+    # Up to the first whole size: a 2x scale of a whole number stays exact.
+    assert crop_window((100, 200), (40, 40), 2.0, 0.0, 0.0, round_up=True).scaled == (200, 400)
+    image, label = _pair(101, 203)
+    out = build_train_transform([48, 96], [0.5, 0.5], scale_rounding="ceil")(
+        image=image, mask=label
+    )
+    assert out["image"].shape == (48, 96, 3) and out["mask"].shape == (48, 96)
+    with pytest.raises(ConfigError, match="scale_rounding"):
+        build_train_transform([48, 96], scale_rounding="round")
+    with pytest.raises(ConfigError, match="crop_first"):
+        build_train_transform([48, 96], scale_rounding="ceil", crop_first=False)
+
+
 def test_crop_first_resamples_only_the_kept_region(monkeypatch):
     """At scale 2 a 32x32 crop of a 128x256 image needs about 16x16 source pixels."""
     from seg.data import transforms

@@ -371,3 +371,31 @@ def test_loss_state_is_checkpointed_and_kept_by_skipped_steps() -> None:
         next(net2.parameters()).fill_(float("nan"))
     assert bool(step2(batch).skipped)
     assert torch.equal(step2.criterion.state_dict()["losses.main.bin_counts"], counts)
+
+
+def test_lr_multipliers_by_top_level_module() -> None:
+    net = _Net()
+    opt = build_sgd(net, lr=0.1, weight_decay=1e-4, lr_mult={"head": 10})
+    by_param = {id(p): (g["lr"], g["weight_decay"]) for g in opt.param_groups for p in g["params"]}
+    assert by_param[id(net.head.weight)] == (pytest.approx(1.0), 1e-4)
+    assert by_param[id(net.head.bias)] == (pytest.approx(1.0), 0.0)
+    assert by_param[id(net.conv.weight)] == (pytest.approx(0.1), 1e-4)
+    assert by_param[id(net.bn.weight)] == (pytest.approx(0.1), 0.0)
+    assert len(by_param) == len(list(net.parameters()))
+    with pytest.raises(ConfigError, match=r"optim\.lr_mult names \['heads'\]"):
+        build_sgd(net, lr=0.1, lr_mult={"heads": 10})
+    with pytest.raises(ConfigError, match=r"optim\.lr_mult\.head must be > 0"):
+        build_sgd(net, lr=0.1, lr_mult={"head": 0})
+
+
+def test_poly_after_warmup_starts_the_decay_at_the_end_of_the_warmup() -> None:
+    opt = _optimizer(1.0)
+    sched = WarmupPolyLR(
+        opt, max_iters=110, warmup_iters=10, warmup="exp", warmup_ratio=0.1, poly_after_warmup=True
+    )
+    assert sched.lr_at(0, 1.0) == pytest.approx(0.1)
+    assert sched.lr_at(10, 1.0) == pytest.approx(1.0)  # exactly the base rate after warm-up
+    assert sched.lr_at(60, 1.0) == pytest.approx(0.5**0.9)
+    assert sched.lr_at(110, 1.0) == pytest.approx(0.0)
+    with pytest.raises(ConfigError, match="poly_after_warmup"):
+        WarmupPolyLR(_optimizer(), max_iters=10, warmup_iters=10, poly_after_warmup=True)

@@ -86,10 +86,16 @@ def crop_window(
     scale: float,
     h_start: float,
     w_start: float,
+    round_up: bool = False,
 ) -> CropWindow:
     """The window that ``RandomScale(scale)`` -> ``PadIfNeeded(crop, centre)`` ->
-    ``RandomCrop(crop)`` with the draws ``h_start``, ``w_start`` in ``[0, 1)`` would keep."""
-    scaled = tuple(max(1, int(size * scale)) for size in source)
+    ``RandomCrop(crop)`` with the draws ``h_start``, ``w_start`` in ``[0, 1)`` would keep.
+
+    ``round_up``: the rescaled size is ``ceil(size * scale)`` (CoinCheung/BiSeNet's
+    ``RandomResizedCrop``) instead of albumentations' ``int(size * scale)``.
+    """
+    rounding = math.ceil if round_up else int
+    scaled = tuple(max(1, rounding(size * scale)) for size in source)
     offsets = []
     for size, want, start in zip(scaled, crop, (h_start, w_start), strict=True):
         pad_before = int((want - size) / 2.0) if size < want else 0
@@ -201,6 +207,7 @@ class RandomScaleCrop(A.DualTransform):
         scale_range: ``(lo, hi)`` scale factors, or None for no rescaling (as the old
             pipeline without ``RandomScale``: no scale is drawn).
         ignore_index: label value of the padding.
+        round_up: rescaled sizes rounded up (``ceil``) instead of down (see :func:`crop_window`).
     """
 
     def __init__(
@@ -209,9 +216,11 @@ class RandomScaleCrop(A.DualTransform):
         width: int,
         scale_range: tuple[float, float] | None = None,
         ignore_index: int = IGNORE_INDEX,
+        round_up: bool = False,
         p: float = 1.0,
     ) -> None:
         super().__init__(p=p)
+        self.round_up = bool(round_up)
         self.height, self.width = int(height), int(width)
         self.scale_range = (
             None if scale_range is None else (float(scale_range[0]), float(scale_range[1]))
@@ -235,7 +244,12 @@ class RandomScaleCrop(A.DualTransform):
         h_start = self.py_random.random()  # RandomCrop's two draws, in its order
         w_start = self.py_random.random()
         window = crop_window(
-            tuple(params["shape"][:2]), (self.height, self.width), params["scale"], h_start, w_start
+            tuple(params["shape"][:2]),
+            (self.height, self.width),
+            params["scale"],
+            h_start,
+            w_start,
+            round_up=self.round_up,
         )
         return {"window": window}
 
@@ -246,7 +260,7 @@ class RandomScaleCrop(A.DualTransform):
         return crop_label(mask, window, self.ignore_index)
 
     def get_transform_init_args_names(self) -> tuple[str, ...]:
-        return ("height", "width", "scale_range", "ignore_index")
+        return ("height", "width", "scale_range", "ignore_index", "round_up")
 
 
 def build_train_transform(
@@ -259,6 +273,7 @@ def build_train_transform(
     jitter_prob: float = 1.0,
     ignore_index: int = IGNORE_INDEX,
     crop_first: bool = True,
+    scale_rounding: str = "floor",
 ) -> A.Compose:
     """Random scale -> pad to the crop (image 0, label ``ignore_index``) -> random crop ->
     horizontal flip -> colour jitter.
@@ -269,6 +284,8 @@ def build_train_transform(
         crop_first: True: scale, pad and crop in one step that resamples only the kept
             region (:class:`RandomScaleCrop`); False: the three albumentations transforms,
             which rescale the whole image first (kept to compare against: same draws).
+        scale_rounding: ``floor`` (albumentations' ``int(size * scale)``) or ``ceil`` (sizes
+            rounded up, as CoinCheung/BiSeNet's recipe; crop-first pipeline only).
     Returns:
         A pipeline called as ``t(image=uint8 HxWx3, mask=uint8 HxW)`` giving ``crop_size``
         arrays.
@@ -279,10 +296,22 @@ def build_train_transform(
         raise ConfigError(f"scale_range must satisfy 0 < lo <= hi, got [{lo}, {hi}]")
     if crop_h <= 0 or crop_w <= 0:
         raise ConfigError(f"crop_size must be positive, got [{crop_h}, {crop_w}]")
+    if scale_rounding not in ("floor", "ceil"):
+        raise ConfigError(f"scale_rounding must be floor or ceil, got {scale_rounding!r}")
+    if scale_rounding == "ceil" and not crop_first:
+        raise ConfigError("scale_rounding=ceil needs the crop-first pipeline (crop_first=true)")
     rescale = (lo, hi) != (1.0, 1.0)
     steps: list[A.BasicTransform] = []
     if crop_first:
-        steps.append(RandomScaleCrop(crop_h, crop_w, (lo, hi) if rescale else None, ignore_index))
+        steps.append(
+            RandomScaleCrop(
+                crop_h,
+                crop_w,
+                (lo, hi) if rescale else None,
+                ignore_index,
+                round_up=scale_rounding == "ceil",
+            )
+        )
     else:
         if rescale:
             # RandomScale samples the factor from (1 + lo, 1 + hi).

@@ -159,6 +159,24 @@ def parse_settings(cfg: DictConfig) -> TrainSettings:
     )
 
 
+def from_scratch_note(cfg: DictConfig) -> str | None:
+    """One line when a recipe's published figure assumed a pretrained backbone that this run
+    does not load (``recipe.pretrained_backbone`` in the experiment); None otherwise."""
+    recipe = cfg.get("recipe") or {}
+    model = cfg.get("model") or {}
+    if (
+        not recipe.get("pretrained_backbone")
+        or model.get("backbone_weights")
+        or model.get("weights")
+    ):
+        return None
+    return (
+        f"training from scratch: model.backbone_weights is not set, but the published "
+        f"{recipe.get('published_val_miou')} val mIoU of {recipe.get('source')} started from the "
+        f"ImageNet-pretrained backbone; set model.backbone_weights=PATH/backbone_v2.pth for it"
+    )
+
+
 def build_datasets(cfg: DictConfig) -> tuple[Dataset, Dataset]:
     """The training and validation datasets (``cfg.dataset.train`` / ``.val``)."""
     return build_dataset(cfg.dataset.train, "train dataset"), build_dataset(

@@ -2,12 +2,16 @@
 
 At iteration ``it`` (0-based, the step about to be taken) every group's rate is
 
-    lr(it) = warm(it) * ((base_lr - min_lr) * (1 - it / max_iters) ** power + min_lr)
+    lr(it) = warm(it) * ((base_lr - min_lr) * (1 - progress(it)) ** power + min_lr)
 
 with ``warm(it) = ratio + (1 - ratio) * it / warmup_iters`` (linear) or
 ``ratio ** (1 - it / warmup_iters)`` (exponential) during the first ``warmup_iters``
-iterations, and 1 afterwards. The scheduler is stepped once per iteration, after the
-optimizer step, so iteration ``it`` runs with ``lr(it)``.
+iterations, and 1 afterwards. ``progress(it) = it / max_iters`` by default; with
+``poly_after_warmup=True`` the decay starts where the warm-up ends, as in
+CoinCheung/BiSeNet and mmsegmentation: ``progress = max(0, it - warmup_iters) /
+(max_iters - warmup_iters)``, so the rate reaches ``base_lr`` exactly at the end of the
+warm-up. The scheduler is stepped once per iteration, after the optimizer step, so
+iteration ``it`` runs with ``lr(it)``.
 """
 
 from __future__ import annotations
@@ -21,7 +25,15 @@ from seg.errors import ConfigError
 
 WARMUP_KINDS = ("linear", "exp", "none")
 #: Constructor settings: taken from the config, never from a checkpoint.
-SETTINGS = ("max_iters", "power", "warmup_iters", "warmup", "warmup_ratio", "min_lr")
+SETTINGS = (
+    "max_iters",
+    "power",
+    "warmup_iters",
+    "warmup",
+    "warmup_ratio",
+    "min_lr",
+    "poly_after_warmup",
+)
 
 
 def _warm(iteration: int, warmup_iters: int, warmup: str, warmup_ratio: float) -> float:
@@ -44,6 +56,7 @@ class WarmupPolyLR(LRScheduler):
         warmup: ``linear``, ``exp`` or ``none``.
         warmup_ratio: the warm-up's starting fraction of the rate.
         min_lr: floor of the poly decay.
+        poly_after_warmup: start the poly decay at the end of the warm-up (see the module doc).
         last_epoch: index of the last iteration taken (-1 for a fresh run); resuming goes
             through ``load_state_dict`` instead.
     """
@@ -57,6 +70,7 @@ class WarmupPolyLR(LRScheduler):
         warmup: str = "linear",
         warmup_ratio: float = 1e-6,
         min_lr: float = 0.0,
+        poly_after_warmup: bool = False,
         last_epoch: int = -1,
     ) -> None:
         if max_iters < 1:
@@ -71,17 +85,27 @@ class WarmupPolyLR(LRScheduler):
             raise ConfigError(f"schedule.warmup_ratio must be in (0, 1], got {warmup_ratio}")
         if power < 0 or min_lr < 0:
             raise ConfigError(f"schedule.power and min_lr must be >= 0, got {power}, {min_lr}")
+        if poly_after_warmup and warmup_iters >= max_iters:
+            raise ConfigError(
+                f"schedule.poly_after_warmup needs warmup_iters < max_iters, got "
+                f"{warmup_iters} and {max_iters}"
+            )
         self.max_iters = int(max_iters)
         self.power = float(power)
         self.warmup_iters = int(warmup_iters)
         self.warmup = warmup
         self.warmup_ratio = float(warmup_ratio)
         self.min_lr = float(min_lr)
+        self.poly_after_warmup = bool(poly_after_warmup)
         super().__init__(optimizer, last_epoch)
 
     def lr_at(self, iteration: int, base_lr: float) -> float:
         """The rate of a group with ``base_lr`` at ``iteration`` (closed form, no state)."""
-        progress = min(iteration, self.max_iters) / self.max_iters
+        if self.poly_after_warmup:
+            done = min(max(iteration - self.warmup_iters, 0), self.max_iters - self.warmup_iters)
+            progress = done / (self.max_iters - self.warmup_iters)
+        else:
+            progress = min(iteration, self.max_iters) / self.max_iters
         poly = (base_lr - self.min_lr) * (1.0 - progress) ** self.power + self.min_lr
         return _warm(iteration, self.warmup_iters, self.warmup, self.warmup_ratio) * poly
 

@@ -28,7 +28,13 @@ import torch.distributed
 from omegaconf import DictConfig
 
 from seg import dist
-from seg.engine.build import TrainParts, build_datasets, build_parts, parse_settings
+from seg.engine.build import (
+    TrainParts,
+    build_datasets,
+    build_parts,
+    from_scratch_note,
+    parse_settings,
+)
 from seg.engine.checkpoint import CHECKPOINT_KEYS, load_checkpoint
 from seg.engine.logging import RunLog, run_logging
 from seg.engine.loop import fit
@@ -99,6 +105,8 @@ def _run(cfg: DictConfig, run_dir: Path | None) -> TrainResult:
             settings.batch_per_rank,
             settings.max_iters,
         )
+        if (note := from_scratch_note(cfg)) is not None and checkpoint is None:
+            logger.warning(note)
         seed_everything(settings.seed + settings.rank)
         start = int(checkpoint["iteration"]) if checkpoint is not None else 0
         parts = build_parts(cfg, settings, datasets, start_iter=start)
