@@ -26,6 +26,7 @@ from seg.engine.amp import AmpSettings, build_grad_scaler, resolve_amp
 from seg.engine.step import TrainStep
 from seg.errors import ConfigError
 from seg.instantiate import build
+from seg.values import bool_setting, int_setting
 
 logger = logging.getLogger("seg.train")
 
@@ -60,28 +61,6 @@ class TrainSettings:
     @property
     def global_batch(self) -> int:
         return self.batch_per_rank * self.world_size
-
-
-def int_setting(value: Any, key: str, minimum: int | None = None) -> int:
-    """``value`` as an int (whole numbers only), or a one-line ``ConfigError`` naming ``key``."""
-    if isinstance(value, bool) or not isinstance(value, int | float | str):
-        raise ConfigError(f"{key} must be an integer, got {value!r}")
-    try:
-        number = float(value)
-    except ValueError:
-        raise ConfigError(f"{key} must be an integer, got {value!r}") from None
-    if not number.is_integer():
-        raise ConfigError(f"{key} must be a whole number, got {value!r}")
-    if minimum is not None and number < minimum:
-        raise ConfigError(f"{key} must be >= {minimum}, got {value!r}")
-    return int(number)
-
-
-def bool_setting(value: Any, key: str) -> bool:
-    """``value`` as a bool (true/false only), or a one-line ``ConfigError`` naming ``key``."""
-    if not isinstance(value, bool):
-        raise ConfigError(f"{key} must be true or false, got {value!r}")
-    return value
 
 
 def _auto_or_bool(setting: Any, key: str) -> bool | None:

@@ -19,20 +19,11 @@ from seg.engine.amp import AmpSettings, amp_choice, autocast, resolve_amp
 from seg.engine.inference import INFERENCE_MODES, predict_probs
 from seg.errors import ConfigError
 from seg.metrics import ConfusionMatrix
+from seg.values import int_setting, pair_setting, scales_setting
 
 #: Called once per batch with the collated batch (CPU) and the predicted ids
 #: (int64 N x H x W on the device), e.g. to save prediction images.
 PredictionSink = Callable[[Mapping[str, Any], torch.Tensor], None]
-
-
-def _pair(value: int | Sequence[int] | None, key: str) -> tuple[int, int] | None:
-    """[h, w] from an int or a pair; validates positivity."""
-    if value is None:
-        return None
-    pair = (int(value), int(value)) if isinstance(value, int) else tuple(int(v) for v in value)
-    if len(pair) != 2 or min(pair) < 1:
-        raise ConfigError(f"{key} must be a positive int or [h, w], got {list(pair)}")
-    return pair[0], pair[1]
 
 
 class Evaluator:
@@ -70,11 +61,9 @@ class Evaluator:
         if mode not in INFERENCE_MODES:
             raise ConfigError(f"eval.mode must be one of {list(INFERENCE_MODES)}, got {mode!r}")
         amp_choice(amp, "cuda", "eval.amp")  # validated here, resolved per device in evaluate()
-        scales = [float(s) for s in scales]
-        if not scales or min(scales) <= 0:
-            raise ConfigError(f"eval.scales must be a non-empty list of positive floats: {scales}")
-        self.crop_size = _pair(crop_size, "eval.crop_size")
-        self.stride = _pair(stride, "eval.stride")
+        scales = scales_setting(scales, "eval.scales")
+        self.crop_size = pair_setting(crop_size, "eval.crop_size")
+        self.stride = pair_setting(stride, "eval.stride")
         if mode == "slide":
             if self.crop_size is None:
                 raise ConfigError("eval.mode=slide needs eval.crop_size")
@@ -89,8 +78,7 @@ class Evaluator:
                     f"eval.stride {list(self.stride)} larger than eval.crop_size "
                     f"{list(self.crop_size)} would leave pixels unpredicted"
                 )
-        if int(batch_size) < 1:
-            raise ConfigError(f"eval.batch_size must be >= 1, got {batch_size}")
+        batch_size = int_setting(batch_size, "eval.batch_size", minimum=1)
         self.num_classes = int(num_classes)
         self.ignore_index = int(ignore_index)
         self.mean = [float(v) for v in mean]
