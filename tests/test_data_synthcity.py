@@ -84,18 +84,21 @@ def test_difficulty_knobs_change_the_image_only():
     assert image_e[road].std(0).mean() < image_h[road].std(0).mean()
 
 
-def test_dataset_generates_on_first_use_and_checks_params(tmp_path):
+def test_dataset_generates_only_when_asked_and_checks_params(tmp_path):
     root = tmp_path / "synthcity"
-    ds = SynthCityDataset(root, "val", generator=TINY)
+    # Reading is the default: a missing root is one line saying how to make it.
+    with pytest.raises(DatasetError, match=r"does not exist .*tools/make_synthcity\.py") as error:
+        SynthCityDataset(root, "val", generator=TINY)
+    assert len(str(error.value).splitlines()) == 1 and not root.exists()
+    ds = SynthCityDataset(root, "val", generator=TINY, generate=True)  # training's first use
     assert len(ds) == 2 and (root / MARKER).is_file()
     assert not list(tmp_path.glob(".synthcity.tmp-*"))  # temp folder renamed away
     mtime = (root / MARKER).stat().st_mtime_ns
     assert len(SynthCityDataset(root, "train", generator=TINY)) == 4
     assert (root / MARKER).stat().st_mtime_ns == mtime  # reused, not regenerated
-    with pytest.raises(DatasetError, match=r"other parameters .*noise_std"):
-        SynthCityDataset(root, "train", generator={**TINY, "noise_std": 1.0})
-    with pytest.raises(DatasetError, match="no SynthCity dataset"):
-        SynthCityDataset(tmp_path / "absent", "train", generator=TINY, generate=False)
+    for generate in (False, True):  # reading checks the recorded parameters too
+        with pytest.raises(DatasetError, match=r"other parameters .*noise_std"):
+            SynthCityDataset(root, "train", generator={**TINY, "noise_std": 1.0}, generate=generate)
 
 
 def test_interrupted_generation_is_not_taken_for_complete(tmp_path):
@@ -108,6 +111,8 @@ def test_interrupted_generation_is_not_taken_for_complete(tmp_path):
     half = tmp_path / "half"
     (half / "leftImg8bit" / "train").mkdir(parents=True)
     with pytest.raises(DatasetError, match="not a complete SynthCity dataset"):
+        SynthCityDataset(half, "train", generator=TINY, generate=True)
+    with pytest.raises(DatasetError, match="is not a complete SynthCity dataset"):
         SynthCityDataset(half, "train", generator=TINY)
 
 
@@ -158,8 +163,21 @@ def test_synthcity_config_composes_and_builds(tmp_path):
         "dataset.crop_size=[24,24]",
     ]
     cfg = compose_dataset_config(overrides)
-    train = build_dataset(cfg.dataset.train)
+    with pytest.raises(DatasetError, match="make_synthcity"):
+        build_dataset(cfg.dataset.val)  # what evaluation builds only reads
+    assert not (tmp_path / "sc").exists()
+    train = build_dataset(cfg.dataset.train)  # training's node generates on first use
     val = build_dataset(cfg.dataset.val)
     assert len(train) == 3 and len(val) == 2
     assert train[(0, 1)]["image"].shape == (24, 24, 3)
     assert val[0]["label"].shape == (32, 64)
+
+
+def test_check_dataset_reports_a_missing_synthcity_root_and_generates_nothing(tmp_path, capsys):
+    from seg.data.check import main
+
+    root = tmp_path / "absent"
+    assert main([f"dataset.root={root}"]) == 2
+    out = capsys.readouterr().out.strip()
+    assert len(out.splitlines()) == 1 and "does not exist" in out and "make_synthcity" in out, out
+    assert not root.exists() and not list(tmp_path.iterdir())

@@ -70,7 +70,8 @@ def _free_port() -> int:
 @pytest.mark.slow
 def test_two_process_gloo_training_agrees(tmp_path: Path) -> None:
     cfg = _compose(tmp_path / "synthcity")
-    val_set = instantiate(cfg.dataset.val)  # generate the data once, before the ranks start
+    instantiate(cfg.dataset.train)  # generate the data once, before the ranks start
+    val_set = instantiate(cfg.dataset.val)
     mp.spawn(_worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD_SIZE, join=True)
 
     results = [torch.load(tmp_path / f"result_rank{r}.pt", weights_only=True) for r in range(2)]

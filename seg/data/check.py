@@ -16,6 +16,7 @@ from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from hydra import compose, initialize_config_dir
@@ -99,8 +100,13 @@ def check_split(dataset: PairedDataset, name: str) -> SplitReport:
     return report
 
 
-#: The check reads the source files themselves: no transform, no decoded cache, every problem kept.
-_UNCACHED = {"transform": None, "strict": False, "cache": None}
+def _read_only(node: DictConfig) -> dict[str, Any]:
+    """Build arguments of a check: no transform, no decoded cache, every problem kept, and no
+    data generated (SynthCity's ``generate``): the check reads the source files themselves."""
+    options: dict[str, Any] = {"transform": None, "strict": False, "cache": None}
+    if "generate" in node:
+        options["generate"] = False
+    return options
 
 
 def _split_datasets(dataset_cfg: DictConfig) -> list[tuple[str, PairedDataset | None, str]]:
@@ -108,15 +114,14 @@ def _split_datasets(dataset_cfg: DictConfig) -> list[tuple[str, PairedDataset | 
 
     Cityscapes-style configs (a ``split`` argument) are checked on train/val/test; a missing
     test split is not an error. Other configs are checked on their ``train``/``val`` nodes.
+    A check only reads: a missing SynthCity root is an error, not generated.
     """
     out = []
     if "split" in dataset_cfg.train:
         wanted = [("train", dataset_cfg.train), ("val", dataset_cfg.val), ("test", dataset_cfg.val)]
         for split, node in wanted:
             try:
-                out.append(
-                    (split, build_dataset(node, split=split, **_UNCACHED), "")
-                )
+                out.append((split, build_dataset(node, split=split, **_read_only(node)), ""))
             except DatasetError as err:
                 if split == "test" and "split folder not found" in str(err):
                     continue
@@ -124,9 +129,8 @@ def _split_datasets(dataset_cfg: DictConfig) -> list[tuple[str, PairedDataset | 
     else:
         for split in ("train", "val"):
             try:
-                out.append(
-                    (split, build_dataset(dataset_cfg[split], **_UNCACHED), "")
-                )
+                node = dataset_cfg[split]
+                out.append((split, build_dataset(node, **_read_only(node)), ""))
             except DatasetError as err:
                 out.append((split, None, str(err)))
     return out
