@@ -5,11 +5,23 @@ predictions, ONNX models, benchmark results) goes through :func:`atomic_write`: 
 is written to a temporary file beside the target and renamed over it. ``durable=True``
 (checkpoints) also fsyncs the file and the folder, so that the rename survives a power cut;
 the default skips that, as thousands of small outputs (prediction PNGs) would pay for it.
+
+A write that fails on the system's side (a full disk, no permission) raises one
+:class:`~seg.errors.OutputError` line naming the target and the reason; the target keeps
+its previous content and the temporary file is removed. Temporary files are named
+``.<name>.<host>-<pid>-<random>.partial``: one left by a killed process (``kill -9``, a
+power cut) is found and removed by :func:`remove_stale_partials`, which the writers of
+checkpoints, predictions and ONNX models call when they start.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import os
+import re
+import socket
+import time
 import uuid
 from collections.abc import Callable
 from pathlib import Path
@@ -17,6 +29,93 @@ from typing import BinaryIO
 
 import cv2
 import numpy as np
+
+from seg.errors import OutputError, SegError
+
+#: ``.<name>.<host>-<pid>-<8 hex>.partial[.ext]``; the host part is absent in older names.
+_PARTIAL = re.compile(
+    r"^\..+?\.(?:(?P<host>[A-Za-z0-9_]+)-)?(?P<pid>\d+)-[0-9a-f]{8}\.partial(?:\.[A-Za-z0-9]+)?$"
+)
+#: A partial file untouched this long is stale whoever wrote it (writers write continuously).
+STALE_AFTER_S = 24 * 3600
+
+
+def _host() -> str:
+    """This machine's short name, as it may appear in a file name."""
+    return re.sub(r"[^A-Za-z0-9_]", "_", socket.gethostname().split(".")[0]) or "host"
+
+
+def partial_path(path: str | os.PathLike[str], suffix: str = "") -> Path:
+    """A temporary name beside ``path`` unique to this call: ``.<name>.<host>-<pid>-<hex>.partial``
+    plus ``suffix`` (e.g. ``.mp4`` for writers that pick a format from the suffix)."""
+    path = Path(path)
+    tag = f"{_host()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    return path.with_name(f".{path.name}.{tag}.partial{suffix}")
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    except OSError:
+        return True
+    return True
+
+
+def is_stale_partial(path: Path, now: float | None = None) -> bool:
+    """True for a temporary file of :func:`atomic_write` whose writer is gone: written on
+    this machine by a process that no longer runs, or untouched for ``STALE_AFTER_S``."""
+    match = _PARTIAL.match(path.name)
+    if match is None or not path.is_file():
+        return False
+    host = match.group("host")
+    if host in (None, _host()) and not _process_alive(int(match.group("pid"))):
+        return True
+    try:
+        age = (time.time() if now is None else now) - path.stat().st_mtime
+    except OSError:
+        return False
+    return age > STALE_AFTER_S
+
+
+def remove_stale_partials(folder: str | os.PathLike[str], recursive: bool = False) -> list[Path]:
+    """Remove the stale temporary files (:func:`is_stale_partial`) in ``folder`` (and its
+    subfolders when ``recursive``); returns what was removed. Never raises: a file that
+    cannot be removed (read-only media) is left."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    removed = []
+    for path in folder.rglob(".*.partial*") if recursive else folder.glob(".*.partial*"):
+        if is_stale_partial(path):
+            try:
+                path.unlink()
+            except OSError:
+                continue
+            removed.append(path)
+    return removed
+
+
+def _os_error_in(error: BaseException) -> OSError | None:
+    """The ``OSError`` that ``error`` is or was raised from (torch wraps a failed write of
+    its zip writer in a ``RuntimeError`` raised while handling it), or None."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        if isinstance(error, OSError):
+            return error
+        seen.add(id(error))
+        error = error.__cause__ or error.__context__
+    return None
+
+
+def describe_os_error(error: OSError) -> str:
+    """``No space left on device (ENOSPC)``: the reason of an ``OSError`` in a few words."""
+    reason = error.strerror or str(error) or type(error).__name__
+    name = errno.errorcode.get(error.errno) if error.errno is not None else None
+    return f"{reason} ({name})" if name else reason
 
 
 def _fsync_dir(directory: Path) -> None:
@@ -43,20 +142,32 @@ def atomic_write(
     content; on an exception the temporary file is removed. The file gets the usual
     permissions (umask), and the temporary name is unique per call, so concurrent writers of
     one target never mix their bytes.
+
+    Raises:
+        OutputError: the system refused the write (full disk, no permission, read-only
+            file system), in one line naming ``path`` and the reason; ``error.reason``
+            holds the reason alone and ``error.errno`` the system's code.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(f".{path.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.partial")
+    partial = partial_path(path)
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
         with open(partial, "xb") as file:
             write(file)
             if durable:
                 file.flush()
                 os.fsync(file.fileno())
         os.replace(partial, path)
-    except BaseException:
-        partial.unlink(missing_ok=True)
-        raise
+    except BaseException as error:
+        with contextlib.suppress(OSError):
+            partial.unlink(missing_ok=True)
+        cause = None if isinstance(error, SegError) else _os_error_in(error)
+        if cause is None:
+            raise
+        reason = describe_os_error(cause)
+        failure = OutputError(f"cannot write {path}: {reason}")
+        failure.errno, failure.reason = cause.errno, reason
+        raise failure from error
     if durable:
         _fsync_dir(path.parent)
 

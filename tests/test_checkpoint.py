@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import errno
+import os
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -132,3 +137,84 @@ def test_hostile_pickle_is_refused_and_runs_no_code(tmp_path: Path) -> None:
     # The premise holds: an unsafe load would have run the payload's code.
     torch.load(path, weights_only=False)
     assert marker.exists()
+
+
+class _FullDisk:
+    """A file whose disk fills up after ``room`` bytes: writes then fail with ENOSPC."""
+
+    def __init__(self, file, room: int) -> None:
+        self.file, self.room = file, room
+
+    def write(self, data) -> int:
+        if len(data) > self.room:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        self.room -= len(data)
+        return self.file.write(data)
+
+    def flush(self) -> None:
+        self.file.flush()
+
+
+@pytest.mark.parametrize("room", [0, 5000])
+def test_full_disk_is_one_line_naming_the_file_and_keeps_the_previous_one(
+    tmp_path: Path, monkeypatch, room: int
+) -> None:
+    path = tmp_path / "last.pt"
+    save_checkpoint(path, _payload(1.0))
+    before = path.read_bytes()
+    real_save = torch.save
+    monkeypatch.setattr(
+        ckpt_module.torch, "save", lambda obj, file: real_save(obj, _FullDisk(file, room))
+    )
+    with pytest.raises(CheckpointError) as info:
+        save_checkpoint(path, _payload(2.0))
+    message = str(info.value)
+    assert message == (
+        f"cannot save checkpoint {path}: No space left on device (ENOSPC); "
+        "the previous last.pt is unchanged"
+    )
+    assert path.read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]  # the partial file is gone
+    with pytest.raises(CheckpointError, match=r"best\.pt: No space .*no best\.pt was written"):
+        save_checkpoint(tmp_path / "best.pt", _payload(2.0))
+
+
+# A writer killed mid-save: it writes part of a checkpoint, says so, and hangs.
+_HANGING_WRITER = """
+import sys, time
+from seg.fileio import atomic_write
+
+def write(file):
+    file.write(b"x" * 4096)
+    file.flush()
+    print("writing", flush=True)
+    time.sleep(60)
+
+atomic_write(sys.argv[1], write, durable=True)
+"""
+
+
+def test_partial_file_of_a_killed_save_is_removed_at_the_next_start(tmp_path: Path) -> None:
+    """kill -9 during a save leaves ``.last.pt.<host>-<pid>-<hex>.partial``; the next load
+    (a resume) or save in that folder removes it, and leaves a live writer's file alone."""
+    path = tmp_path / "checkpoints" / "last.pt"
+    save_checkpoint(path, _payload(1.0))
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    writer = subprocess.Popen(
+        [sys.executable, "-c", _HANGING_WRITER, str(path)],
+        stdout=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+    try:
+        assert writer.stdout.readline().strip() == "writing"
+        live = [p for p in path.parent.iterdir() if p.name.endswith(".partial")]
+        assert len(live) == 1
+        load_checkpoint(path)  # the writer still runs: its file stays
+        assert live[0].exists()
+    finally:
+        writer.send_signal(signal.SIGKILL)
+        writer.wait()
+    assert live[0].exists()  # what kill -9 leaves behind
+    assert load_checkpoint(path)["iteration"] == 3  # e.g. resume=... reads the folder
+    assert [p.name for p in path.parent.iterdir()] == ["last.pt"]

@@ -18,8 +18,8 @@ from typing import Any
 
 import torch
 
-from seg.errors import CheckpointError, first_line
-from seg.fileio import atomic_write
+from seg.errors import CheckpointError, OutputError, first_line
+from seg.fileio import atomic_write, remove_stale_partials
 
 CHECKPOINT_KEYS = (
     "model",
@@ -36,8 +36,26 @@ EVAL_KEYS = ("model", "config")
 
 
 def save_checkpoint(path: str | os.PathLike[str], payload: Mapping[str, Any]) -> None:
-    """Save ``payload`` (a checkpoint dict) to ``path`` atomically and durably (fsynced)."""
-    atomic_write(path, lambda file: torch.save(dict(payload), file), durable=True)
+    """Save ``payload`` (a checkpoint dict) to ``path`` atomically and durably (fsynced).
+
+    The temporary files of writes killed earlier in the same folder (``kill -9`` during a
+    save) are removed first (``seg.fileio.remove_stale_partials``).
+
+    Raises:
+        CheckpointError: the file could not be written (a full disk, no permission), in one
+            line naming ``path`` and the reason; ``path`` keeps its previous content.
+    """
+    path = Path(path)
+    remove_stale_partials(path.parent)
+    try:
+        atomic_write(path, lambda file: torch.save(dict(payload), file), durable=True)
+    except OutputError as error:
+        kept = (
+            f"the previous {path.name} is unchanged"
+            if path.is_file()
+            else f"no {path.name} was written"
+        )
+        raise CheckpointError(f"cannot save checkpoint {path}: {error.reason}; {kept}") from error
 
 
 def load_checkpoint(
@@ -46,6 +64,10 @@ def load_checkpoint(
     required_keys: Iterable[str] = EVAL_KEYS,
 ) -> dict[str, Any]:
     """Load a checkpoint with ``torch.load(weights_only=True)`` and check its keys.
+
+    Loading also removes the temporary files of killed saves beside ``path``
+    (``seg.fileio.remove_stale_partials``): resuming a run killed during a save starts by
+    clearing them.
 
     Raises:
         CheckpointError: one line naming ``path``, for a missing or unreadable file, a
@@ -58,6 +80,7 @@ def load_checkpoint(
         raise CheckpointError(f"checkpoint not found: {path}")
     if not path.is_file():
         raise CheckpointError(f"checkpoint is not a file: {path}")
+    remove_stale_partials(path.parent)
     try:
         with path.open("rb") as file:
             head = file.read(4)

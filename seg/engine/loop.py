@@ -21,7 +21,7 @@ from seg.engine.logging import RunLog
 from seg.engine.signals import StopSignals
 from seg.engine.state import TrainState, checkpoint_payload, plain, restore_rng_state
 from seg.engine.step import RunningStats
-from seg.errors import SegError
+from seg.errors import CheckpointError, SegError, log_to_files
 
 logger = logging.getLogger("seg.train")
 
@@ -124,5 +124,9 @@ def save(
     path = run_dir / "checkpoints" / name
     state.nonfinite_steps, state.nonfinite_streak = stats.skip_counts()
     if dist.is_main():
-        save_checkpoint(path, checkpoint_payload(parts.model, parts.step, state, parts.config))
+        try:
+            save_checkpoint(path, checkpoint_payload(parts.model, parts.step, state, parts.config))
+        except CheckpointError as error:  # e.g. a full disk: one line, in train.log too
+            log_to_files(error)
+            raise
     return path
