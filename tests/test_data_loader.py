@@ -14,7 +14,8 @@ from seg.data.loader import (
     build_train_loader,
 )
 from seg.data.transforms import apply_transform, build_train_transform, to_sample, unpack_key
-from seg.errors import ConfigError
+from seg.engine.logging import run_logging
+from seg.errors import ConfigError, DatasetError, SegError
 
 
 class ToyDataset(Dataset):
@@ -117,3 +118,55 @@ def test_eval_sharding_covers_each_item_once():
     )
     names = [name for batch in loader for name in batch["name"]]
     assert names == [str(i) for i in shards[1]] and len(names) == 4
+
+
+class BadFileDataset(ToyDataset):
+    """Item 3 is a corrupt file: reading it raises the one-line ``DatasetError``."""
+
+    def __getitem__(self, key):
+        index, _ = unpack_key(key)
+        if index == 3:
+            raise DatasetError("corrupt, truncated or unsupported image file: /data/img_3.png")
+        return super().__getitem__(key)
+
+
+def _error_of(call) -> tuple[str, type]:
+    """``(message, type)`` of the ``SegError`` that ``call()`` raises. Only plain values come
+    out: a kept exception's traceback would hold the loader (and its worker processes)
+    in a reference cycle, and a loader freed by the cycle collector shuts its workers
+    down only after a 5 s timeout each."""
+    try:
+        call()
+    except SegError as error:
+        return str(error), type(error)
+    raise AssertionError("no SegError raised")
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+@pytest.mark.parametrize("kind", ["train", "eval"])
+def test_a_bad_file_is_the_same_one_line_error_from_workers(workers, kind, tmp_path, capsys):
+    ds = BadFileDataset(6)
+    if kind == "train":
+        loader = build_train_loader(ds, 2, workers, seed=0, pin_memory=False)
+        iterator = iter(loader)
+        batches = lambda: [next(iterator) for _ in range(6)]  # noqa: E731 - passes over item 3
+    else:
+        loader = build_eval_loader(ds, 2, workers, pin_memory=False)
+        batches = lambda: list(loader)  # noqa: E731
+    log_file = tmp_path / "train.log"
+    with run_logging(log_file, is_main=True):
+        message, kind_of_error = _error_of(batches)
+    assert message == "corrupt, truncated or unsupported image file: /data/img_3.png"
+    assert kind_of_error is DatasetError
+    # In train.log once; not on the console, where the tool's error edge prints it.
+    assert log_file.read_text().count("ERROR seg.train: corrupt, truncated") == 1
+    assert "corrupt" not in capsys.readouterr().err
+
+
+def test_bugs_in_a_dataset_keep_their_traceback():
+    class Broken(ToyDataset):
+        def __getitem__(self, key):
+            raise ZeroDivisionError("a bug, not bad data")
+
+    with pytest.raises(ZeroDivisionError):
+        next(iter(build_eval_loader(Broken(2), 1, 0, pin_memory=False)))

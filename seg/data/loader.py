@@ -13,19 +13,28 @@ Augmentation. The sampler yields ``(index, sample_seed)`` with
 re-seed their albumentations pipeline with it per item (``seg.data.transforms``), so an
 item's augmentation depends neither on which worker loads it nor on what the worker
 loaded before: a resumed run sees bit-identical batches.
+
+Errors. A ``SegError`` met while loading an item (a corrupt image, a label with unknown
+values) reaches the caller as itself, one line naming the file, whether the item was loaded
+in the main process or in a worker: PyTorch would re-raise a worker's exception with the
+worker's whole traceback in its message. Items are loaded through :class:`OneLineErrors`,
+which hands a :class:`LoadFailure` back instead of raising; the loaders' iterators raise
+its error in the main process (and write it to ``train.log`` during a run).
 """
 
 from __future__ import annotations
 
 import random
 from collections.abc import Iterator
+from dataclasses import dataclass
 from functools import partial
+from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
 
-from seg.errors import ConfigError, SegError
+from seg.errors import ConfigError, SegError, log_to_files
 
 
 def sample_seed(seed: int, position: int) -> int:
@@ -97,6 +106,59 @@ class ShardedEvalSampler(Sampler):
         return len(self.indices)
 
 
+@dataclass
+class LoadFailure:
+    """An item that could not be loaded: ``error`` is the ``SegError`` (picklable) raised."""
+
+    error: SegError
+
+
+class OneLineErrors(Dataset):
+    """``dataset`` whose items are a :class:`LoadFailure` where loading raised a ``SegError``.
+
+    Other exceptions (bugs) propagate with their tracebacks as usual.
+    """
+
+    def __init__(self, dataset: Dataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]
+
+    def __getitem__(self, key: Any) -> Any:
+        try:
+            return self.dataset[key]
+        except SegError as error:
+            return LoadFailure(error)
+
+
+def collate_or_failure(samples: list[Any]) -> Any:
+    """``default_collate``, or the first :class:`LoadFailure` among ``samples``."""
+    for sample in samples:
+        if isinstance(sample, LoadFailure):
+            return sample
+    return default_collate(samples)
+
+
+class SegDataLoader(DataLoader):
+    """A ``DataLoader`` over :class:`OneLineErrors` that raises a failed item's ``SegError``
+    in the main process, as itself (also into the log files of a training run)."""
+
+    def __iter__(self) -> Iterator[Any]:  # type: ignore[override]
+        for batch in super().__iter__():
+            if isinstance(batch, LoadFailure):
+                error = batch.error
+                del batch
+                log_to_files(error)
+                try:
+                    raise error
+                finally:
+                    # No frame -> error -> traceback -> frame cycle: the loader and its
+                    # workers are freed (and shut down) as soon as the error is handled.
+                    del error
+            yield batch
+
+
 def seed_worker(worker_id: int, base_seed: int) -> None:
     """Seed the global RNGs of a loader worker, for any code that uses them.
 
@@ -139,17 +201,19 @@ def build_train_loader(
     Batches: ``{"image": uint8 N x H x W x 3, "label": uint8 N x H x W, "name": [str]}``.
     Iterate it once (``it = iter(loader)``; ``next(it)`` per step). With ``start_iter=i`` the
     first batch is the one an uninterrupted run would have used at iteration ``i``.
-    ``pin_memory`` defaults to True when CUDA is available.
+    ``pin_memory`` defaults to True when CUDA is available. A ``SegError`` raised by an
+    item is raised by ``next(it)``, as itself, from workers too.
     """
     if batch_size < 1:
         raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
     sampler = InfiniteSampler(
         len(dataset), seed=seed, rank=rank, world_size=world_size, start=start_iter * batch_size
     )
-    return DataLoader(
-        dataset,
+    return SegDataLoader(
+        OneLineErrors(dataset),
         batch_size=batch_size,
         sampler=sampler,
+        collate_fn=collate_or_failure,
         drop_last=True,
         **_loader_kwargs(num_workers, pin_memory, seed * 1000 + rank),
     )
@@ -163,13 +227,17 @@ def build_eval_loader(
     world_size: int = 1,
     pin_memory: bool | None = None,
 ) -> DataLoader:
-    """Finite loader over this rank's shard of ``dataset`` in index order (no duplicates)."""
+    """Finite loader over this rank's shard of ``dataset`` in index order (no duplicates).
+
+    A ``SegError`` raised by an item is raised by the iteration, as itself (see above).
+    """
     if batch_size < 1:
         raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
-    return DataLoader(
-        dataset,
+    return SegDataLoader(
+        OneLineErrors(dataset),
         batch_size=batch_size,
         sampler=ShardedEvalSampler(len(dataset), rank=rank, world_size=world_size),
+        collate_fn=collate_or_failure,
         drop_last=False,
         **_loader_kwargs(num_workers, pin_memory, rank),
     )
