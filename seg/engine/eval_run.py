@@ -149,14 +149,19 @@ def build_eval_config(
 def check_num_classes(cfg: DictConfig, dataset: object, ckpt_path: Path) -> None:
     """One-line error when the checkpoint's model and the dataset count classes differently."""
     model_classes = _select(cfg, "model.num_classes")
-    dataset_classes = {int(cfg.dataset.num_classes)}
-    if hasattr(dataset, "num_classes"):
-        dataset_classes.add(int(dataset.num_classes))
-    if model_classes is not None and dataset_classes != {int(model_classes)}:
+    if model_classes is None:
+        return
+    wrong = []  # each count that differs from the model's, with its own value
+    if int(cfg.dataset.num_classes) != int(model_classes):
+        wrong.append(f"dataset.num_classes is {int(cfg.dataset.num_classes)}")
+    if hasattr(dataset, "num_classes") and int(dataset.num_classes) != int(model_classes):
+        wrong.append(
+            f"dataset {_select(cfg, 'dataset.name')!r} at {_select(cfg, 'dataset.root')} has "
+            f"{int(dataset.num_classes)}"
+        )
+    if wrong:
         raise CheckpointError(
-            f"checkpoint {ckpt_path} predicts {model_classes} classes but dataset "
-            f"{_select(cfg, 'dataset.name')!r} at {_select(cfg, 'dataset.root')} has "
-            f"{max(dataset_classes)}"
+            f"checkpoint {ckpt_path} predicts {model_classes} classes but {' and '.join(wrong)}"
         )
 
 

@@ -1,7 +1,9 @@
 """From a checkpoint file to a model ready for inference: the one loader of eval, predict
 and export.
 
-The model is built from the checkpoint's config (``config["model"]``) without its
+The model is built from the checkpoint's config (``config["model"]``), through the
+allow-list of ``seg.instantiate`` (every ``_target_`` of the stored config is checked first,
+so that a checkpoint cannot make the loader import or call anything else), without its
 auxiliary heads and without pretrained-weight files (the checkpoint holds every weight),
 its weights are loaded strictly (aux-head entries dropped), and it is put in eval mode.
 The dataset facts a user of the model needs (class count and names, palette, the RGB
@@ -22,8 +24,9 @@ from torch import nn
 from seg import dist
 from seg.engine.checkpoint import load_checkpoint
 from seg.errors import CheckpointError
-from seg.instantiate import build
+from seg.instantiate import build, check_targets
 from seg.models.weights import WEIGHT_FILE_ARGUMENTS, load_into
+from seg.values import int_setting
 from seg.visualize import generated_palette, palette_array
 
 
@@ -95,6 +98,38 @@ def dataset_info(config: Mapping[str, Any], path: Path) -> dict[str, Any]:
     }
 
 
+def check_class_count(config: Mapping[str, Any], path: Path) -> None:
+    """One line when the model's class count (``model.num_classes``) is not the dataset's
+    (``dataset.num_classes``, e.g. overridden at evaluation), naming both values."""
+    model, dataset = config.get("model"), config.get("dataset")
+    if not isinstance(model, Mapping) or not isinstance(dataset, Mapping):
+        return  # dataset_info and build_inference_model report missing sections
+    if model.get("num_classes") is None or dataset.get("num_classes") is None:
+        return
+    predicted = int_setting(model["num_classes"], "model.num_classes", minimum=1)
+    expected = int_setting(dataset["num_classes"], "dataset.num_classes", minimum=1)
+    if predicted != expected:
+        raise CheckpointError(
+            f"checkpoint {path} predicts {predicted} classes but dataset.num_classes is {expected}"
+        )
+
+
+def check_read_only(config: Mapping[str, Any], path: Path) -> None:
+    """Refuse a config whose evaluation dataset would write data (SynthCity's ``generate``).
+
+    Training's ``dataset.train`` may generate SynthCity on first use; what is rebuilt from a
+    checkpoint (eval's ``dataset.val``) only reads, so a stored config cannot make a tool
+    write a dataset where it says.
+    """
+    dataset = config.get("dataset")
+    val = dataset.get("val") if isinstance(dataset, Mapping) else None
+    if isinstance(val, Mapping) and val.get("generate"):
+        raise CheckpointError(
+            f"checkpoint {path}: config.dataset.val.generate={val.get('generate')!r}: evaluating "
+            "a checkpoint never generates data (make SynthCity with tools/make_synthcity.py)"
+        )
+
+
 def build_inference_model(model_config: Any, path: Path | str) -> nn.Module:
     """Instantiate ``model_config`` (a ``_target_`` node) without aux heads or weight files."""
     if not isinstance(model_config, Mapping) or "_target_" not in model_config:
@@ -128,6 +163,11 @@ def load_inference_model(
     if checkpoint is None:
         checkpoint = load_checkpoint(path, map_location="cpu")
     config = dict(config if config is not None else checkpoint["config"])
+    # Checkpoints are data: the whole stored config is checked before anything is built
+    # (eval builds its dataset and evaluator from it too).
+    check_targets(config, f"from checkpoint {path}")
+    check_read_only(config, path)
+    check_class_count(config, path)
     info = dataset_info(config, path)
     model = build_inference_model(config.get("model"), path)
     load_into(model, checkpoint["model"], f"checkpoint {path}")
