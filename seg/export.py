@@ -35,7 +35,8 @@ from torch import nn
 
 from seg.engine.load import InferenceModel, load_inference_model
 from seg.errors import ConfigError, SegError, first_line
-from seg.fileio import write_bytes_atomic
+from seg.fileio import partial_path, remove_stale_partials, write_bytes_atomic
+from seg.values import bool_setting, int_setting
 
 #: Lowest opset the torch.export-based exporter writes without a failing down-conversion.
 MIN_OPSET = 18
@@ -136,11 +137,8 @@ def export_onnx(
     ``optimize`` runs the exporter's graph clean-up (constant folding, dead-node removal;
     slower to export, tidier graph). The file is written atomically. Returns the path.
     """
+    opset, argmax, _ = check_export_settings(opset, argmax, True)
     onnx, _ = require_deploy()
-    if int(opset) < MIN_OPSET:
-        raise ConfigError(
-            f"opset must be >= {MIN_OPSET} (the torch.export-based ONNX exporter's lowest), got {opset}"
-        )
     wrapper = DeployModel(model, argmax=argmax).eval()
     sample = torch.zeros(SAMPLE_SIZE)
     dims = {
@@ -289,14 +287,19 @@ def export_checkpoint(
     sizes: Sequence[Sequence[int]] = CHECK_SIZES,
     optimize: bool = True,
 ) -> ExportSummary:
-    """Export ``ckpt`` to ONNX at ``out`` (fp32, CPU), then check parity with onnxruntime."""
+    """Export ``ckpt`` to ONNX at ``out`` (fp32, CPU), then check parity with onnxruntime.
+
+    Raises:
+        ConfigError: a setting of the wrong type or range (one line naming it).
+    """
+    opset, argmax, check = check_export_settings(opset, argmax, check)
+    tolerance = _tolerance(tolerance)
     require_deploy()
-    if float(tolerance) <= 0:
-        raise ConfigError(f"tolerance must be positive, got {tolerance}")
     net = load_inference_model(ckpt, device="cpu")
     target = Path(out)
+    remove_stale_partials(target.parent)  # temporary files of a killed earlier export
     # Export next to the target and move it there only once it has passed the check.
-    unchecked = target.with_name(f".{target.name}.unchecked")
+    unchecked = partial_path(target)
     try:
         export_onnx(
             net.model,
@@ -318,6 +321,26 @@ def export_checkpoint(
     finally:
         unchecked.unlink(missing_ok=True)
     return ExportSummary(path=target, opset=int(opset), argmax=bool(argmax), parity=parity)
+
+
+def check_export_settings(opset: Any, argmax: Any, check: Any) -> tuple[int, bool, bool]:
+    """``(opset, argmax, check)`` checked: a whole opset >= ``MIN_OPSET``, two booleans."""
+    opset = int_setting(opset, "opset")
+    if opset < MIN_OPSET:
+        raise ConfigError(
+            f"opset must be >= {MIN_OPSET} (the torch.export-based ONNX exporter's lowest), got {opset}"
+        )
+    return opset, bool_setting(argmax, "argmax"), bool_setting(check, "check")
+
+
+def _tolerance(value: Any) -> float:
+    try:
+        tolerance = float(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"tolerance must be a positive number, got {value!r}") from None
+    if not tolerance > 0:
+        raise ConfigError(f"tolerance must be a positive number, got {value!r}")
+    return tolerance
 
 
 def read_onnx_metadata(path: str | os.PathLike[str]) -> dict[str, Any]:

@@ -7,8 +7,15 @@ For every image the predictor writes three files under the output folder:
 - ``overlays/<name>.png``: the coloured mask blended over the image.
 
 A video gives ``overlays/<name>.mp4`` (mp4v), one overlaid frame per input frame.
-Files inside an input folder keep their relative path. Files that cannot be read are
-reported by name and skipped; :class:`PredictSummary` lists them.
+Files inside an input folder keep their relative path; files whose outputs would share a
+name get distinct ones (:func:`output_names`). Files that cannot be read are reported by
+name and skipped; :class:`PredictSummary` lists them.
+
+Large images are predicted tile by tile (:meth:`Predictor.predict_tiled`): above
+``tile_pixels`` pixels, windows of ``tile_size`` with ``tile_margin`` pixels of context on
+each side, so that the memory a prediction needs stops growing with the image's size
+beyond a few bytes per pixel for the image and its outputs (docs/reliability.md has the
+measured bound).
 
 The model comes from :func:`seg.engine.load.load_inference_model` (the loader that eval and
 export use too); inference reuses :mod:`seg.engine.inference`, the evaluator's path.
@@ -33,11 +40,20 @@ from seg.engine.amp import autocast, resolve_amp
 from seg.engine.inference import INFERENCE_MODES, predict_probs
 from seg.engine.load import InferenceModel, load_inference_model
 from seg.errors import ConfigError, DatasetError
-from seg.fileio import write_png
+from seg.fileio import partial_path, remove_stale_partials, write_png
+from seg.values import bool_setting, float_setting, int_setting, pair_setting, scales_setting
 from seg.visualize import colorize, overlay, palette_array
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
 VIDEO_SUFFIXES = (".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg")
+OUTPUT_FOLDERS = ("labels", "colors", "overlays")
+#: Images with more pixels than this are predicted tile by tile (2048 x 2048; a Cityscapes
+#: frame, 1024 x 2048, is predicted whole).
+TILE_PIXELS = 2048 * 2048
+TILE_SIZE = (1024, 1024)
+TILE_MARGIN = 128
+#: Rows blended at a time for an overlay (bounds its float temporaries on huge images).
+OVERLAY_ROWS = 512
 
 
 # --------------------------------------------------------------------------- inputs
@@ -45,11 +61,15 @@ VIDEO_SUFFIXES = (".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".mpg", ".mpe
 
 @dataclass(frozen=True)
 class InputFile:
-    """One input: its path, the output name (relative, without suffix) and its kind."""
+    """One input: its path, the output name (relative, without suffix) and its kind.
+
+    ``renamed``: the name is not the file's stem, as another input has that stem.
+    """
 
     path: Path
     name: str
     is_video: bool
+    renamed: bool = False
 
 
 def collect_inputs(source: str | os.PathLike[str], exclude: Path | None = None) -> list[InputFile]:
@@ -77,14 +97,43 @@ def collect_inputs(source: str | os.PathLike[str], exclude: Path | None = None) 
         raise DatasetError(
             f"no images or videos in {root} (looked for {', '.join(IMAGE_SUFFIXES + VIDEO_SUFFIXES)})"
         )
-    stems = [str(p.relative_to(root).with_suffix("")) for p in files]
-    taken = {s for s in stems if stems.count(s) > 1}
-    inputs = []
-    for path, stem in zip(files, stems, strict=True):
-        # a.jpg and a.png in one folder would write the same outputs: keep both apart.
-        name = f"{stem}_{path.suffix.lower().lstrip('.')}" if stem in taken else stem
-        inputs.append(InputFile(path, name, path.suffix.lower() in VIDEO_SUFFIXES))
-    return inputs
+    relative = [p.relative_to(root) for p in files]
+    names = output_names(relative)
+    return [
+        InputFile(
+            path, name, path.suffix.lower() in VIDEO_SUFFIXES, name != str(rel.with_suffix(""))
+        )
+        for path, rel, name in zip(files, relative, names, strict=True)
+    ]
+
+
+def output_names(relative_paths: Sequence[Path]) -> list[str]:
+    """One distinct output name (relative path without suffix) per input, in input order.
+
+    A file keeps its stem when no other input has it; files sharing a stem (``a.jpg``,
+    ``a.png``) get their suffix appended (``a_jpg``, ``a_png``), and a name still taken
+    (by ``a_png.png``, or the same name in another case, for case-insensitive disks) gets
+    ``_2``, ``_3``, ... Names are compared case-folded, so no two outputs share a file.
+    """
+    stems = [str(p.with_suffix("")) for p in relative_paths]
+    counts: dict[str, int] = {}
+    for stem in stems:
+        counts[stem.casefold()] = counts.get(stem.casefold(), 0) + 1
+    # Stems that are unique keep their names: reserve them before any renamed one.
+    used = {stem.casefold() for stem in stems if counts[stem.casefold()] == 1}
+    names = []
+    for path, stem in zip(relative_paths, stems, strict=True):
+        if counts[stem.casefold()] == 1:
+            names.append(stem)
+            continue
+        base = f"{stem}_{path.suffix.lower().lstrip('.')}"
+        name, number = base, 1
+        while name.casefold() in used:
+            number += 1
+            name = f"{base}_{number}"
+        used.add(name.casefold())
+        names.append(name)
+    return names
 
 
 def _decode_image(path: Path) -> tuple[np.ndarray | None, str]:
@@ -140,11 +189,19 @@ class PredictSummary:
     images: int = 0
     videos: int = 0
     frames: int = 0
+    tiled: int = 0
     skipped: list[tuple[Path, str]] = field(default_factory=list)
+    renamed: list[tuple[Path, str]] = field(default_factory=list)
 
     def describe(self) -> str:
         """One line for the end of a run."""
         text = f"predicted {self.images} image(s) and {self.videos} video(s) ({self.frames} frames)"
+        if self.tiled:
+            text += f", {self.tiled} image(s) in tiles"
+        if self.renamed:
+            shown = ", ".join(f"{path.name} -> {name}" for path, name in self.renamed[:3])
+            more = ", ..." if len(self.renamed) > 3 else ""
+            text += f"; outputs renamed to keep them apart: {shown}{more}"
         return f"{text}; {len(self.skipped)} file(s) skipped"
 
 
@@ -160,6 +217,9 @@ class Predictor:
             (:func:`seg.engine.inference.predict_probs`).
         num_workers: DataLoader workers that decode images in the background.
         progress: show tqdm bars.
+        tile_pixels: images with more pixels are predicted tile by tile (None: never),
+            so that their memory stays bounded (:meth:`predict_tiled`).
+        tile_size, tile_margin: the tiles' [h, w], and the context added on every side.
     """
 
     def __init__(
@@ -176,47 +236,101 @@ class Predictor:
         stride: Sequence[int] | None = None,
         num_workers: int = 0,
         progress: bool = True,
+        tile_pixels: int | None = TILE_PIXELS,
+        tile_size: Sequence[int] = TILE_SIZE,
+        tile_margin: int = TILE_MARGIN,
     ) -> None:
-        if int(batch_size) < 1:
-            raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
-        if not 0.0 <= float(alpha) <= 1.0:
+        batch_size = int_setting(batch_size, "batch_size", minimum=1)
+        alpha = float_setting(alpha, "alpha")
+        if not 0.0 <= alpha <= 1.0:
             raise ConfigError(f"alpha must lie in [0, 1], got {alpha}")
         if mode not in INFERENCE_MODES:
             raise ConfigError(f"mode must be one of {list(INFERENCE_MODES)}, got {mode!r}")
-        if mode == "slide" and (crop_size is None or stride is None):
-            raise ConfigError("mode=slide needs crop_size and stride ([h, w])")
-        scales = [float(s) for s in scales]
-        if not scales or min(scales) <= 0:
-            raise ConfigError(f"scales must be a non-empty list of positive numbers, got {scales}")
-        if int(num_workers) < 0:
-            raise ConfigError(f"num_workers must be >= 0, got {num_workers}")
+        crop = pair_setting(crop_size, "crop_size")
+        step = pair_setting(stride, "stride")
+        if mode == "slide":
+            if crop is None or step is None:
+                raise ConfigError("mode=slide needs crop_size and stride ([h, w])")
+            if step[0] > crop[0] or step[1] > crop[1]:
+                raise ConfigError(
+                    f"stride {list(step)} larger than crop_size {list(crop)} would leave "
+                    "pixels unpredicted"
+                )
+        scales = scales_setting(scales, "scales")
+        tile = pair_setting(tile_size, "tile_size")
+        assert tile is not None
+        self.tile_size = tile
+        self.tile_margin = int_setting(tile_margin, "tile_margin", minimum=0)
+        self.tile_pixels = (
+            None if tile_pixels is None else int_setting(tile_pixels, "tile_pixels", minimum=1)
+        )
         self.net = net
-        self.batch_size = int(batch_size)
-        self.alpha = float(alpha)
+        self.batch_size = batch_size
+        self.alpha = alpha
         self.amp = resolve_amp(amp, net.device, "amp")
         self.inference = {
             "mode": mode,
             "scales": scales,
-            "flip": bool(flip),
-            "crop_size": list(crop_size) if crop_size is not None else None,
-            "stride": list(stride) if stride is not None else None,
+            "flip": bool_setting(flip, "flip"),
+            "crop_size": list(crop) if crop is not None else None,
+            "stride": list(step) if step is not None else None,
         }
-        self.num_workers = int(num_workers)
+        self.num_workers = int_setting(num_workers, "num_workers", minimum=0)
         self.progress = progress
         self.lut = palette_array(net.palette)
 
+    def needs_tiles(self, image: np.ndarray) -> bool:
+        """True when ``image`` (H x W x 3) has more than ``tile_pixels`` pixels."""
+        height, width = image.shape[:2]
+        return self.tile_pixels is not None and height * width > self.tile_pixels
+
     def predict(self, images: Sequence[np.ndarray]) -> np.ndarray:
-        """Label maps for same-size uint8 H x W x 3 RGB images -> uint8 N x H x W train ids."""
-        batch = torch.from_numpy(np.stack(images)).to(self.net.device)
+        """Label maps for same-size uint8 H x W x 3 RGB images -> uint8 N x H x W train ids.
+
+        Images above ``tile_pixels`` go through :meth:`predict_tiled`, one at a time.
+        """
+        if self.needs_tiles(images[0]):
+            return np.stack([self.predict_tiled(image) for image in images])
+        return self._labels(torch.from_numpy(np.stack(images)))
+
+    def _labels(self, batch: torch.Tensor) -> np.ndarray:
+        """uint8 N x H x W x 3 RGB (CPU) -> uint8 N x H x W train ids."""
         with torch.inference_mode(), autocast(self.amp):
-            normalised = normalize_images(batch, self.net.mean, self.net.std)
+            normalised = normalize_images(batch.to(self.net.device), self.net.mean, self.net.std)
             probs = predict_probs(self.net.model, normalised, **self.inference)
-        return probs.argmax(dim=1).to(torch.uint8).cpu().numpy()
+            return probs.argmax(dim=1).to(torch.uint8).cpu().numpy()
+
+    def predict_tiled(self, image: np.ndarray) -> np.ndarray:
+        """The label map (uint8 H x W) of one uint8 H x W x 3 RGB image, tile by tile.
+
+        Each ``tile_size`` tile is predicted (with the configured mode, scales and flip) from
+        the tile plus ``tile_margin`` pixels of context on each side, and only its own pixels
+        are kept, so no probability map larger than one tile with margins is ever held.
+        The model sees a tile's context, not the whole image's.
+        """
+        height, width = image.shape[:2]
+        tile_h, tile_w = self.tile_size
+        margin = self.tile_margin
+        source = torch.from_numpy(image)  # shares memory: no copy of the whole image
+        labels = np.empty((height, width), dtype=np.uint8)
+        for top in range(0, height, tile_h):
+            for left in range(0, width, tile_w):
+                bottom, right = min(top + tile_h, height), min(left + tile_w, width)
+                y0, x0 = max(0, top - margin), max(0, left - margin)
+                y1, x1 = min(height, bottom + margin), min(width, right + margin)
+                window = self._labels(source[y0:y1, x0:x1].unsqueeze(0))[0]
+                labels[top:bottom, left:right] = window[
+                    top - y0 : bottom - y0, left - x0 : right - x0
+                ]
+        return labels
 
     def run(self, inputs: Sequence[InputFile], out_dir: str | os.PathLike[str]) -> PredictSummary:
         """Predict every input, writing results under ``out_dir``; never stops on a bad file."""
         out = Path(out_dir)
+        for folder in OUTPUT_FOLDERS:  # temporary files of a killed earlier run
+            remove_stale_partials(out / folder, recursive=True)
         summary = PredictSummary()
+        summary.renamed = [(item.path, item.name) for item in inputs if item.renamed]
         images = [item for item in inputs if not item.is_video]
         if images:
             self._run_images(images, out, summary)
@@ -241,6 +355,7 @@ class Predictor:
             for (item, image), label in zip(pending, labels, strict=True):
                 self._write_image_outputs(out, item.name, image, label)
                 summary.images += 1
+                summary.tiled += int(self.needs_tiles(image))
             bar.update(len(pending))
             pending.clear()
 
@@ -253,8 +368,8 @@ class Predictor:
                 if pending and pending[0][1].shape != image.shape:
                     flush()  # only same-size images share a batch
                 pending.append((item, image))
-                if len(pending) == self.batch_size:
-                    flush()
+                if len(pending) == self.batch_size or self.needs_tiles(image):
+                    flush()  # a large image is predicted on its own, in tiles
             if pending:
                 flush()
 
@@ -264,7 +379,18 @@ class Predictor:
         color = colorize(label, self.lut)
         write_png(out / "labels" / f"{name}.png", label)
         write_png(out / "colors" / f"{name}.png", color[..., ::-1])
-        write_png(out / "overlays" / f"{name}.png", overlay(image, color, self.alpha)[..., ::-1])
+        write_png(out / "overlays" / f"{name}.png", self._overlay(image, color)[..., ::-1])
+
+    def _overlay(self, image: np.ndarray, color: np.ndarray) -> np.ndarray:
+        """:func:`seg.visualize.overlay`, ``OVERLAY_ROWS`` rows at a time (same pixels;
+        float temporaries of a few rows instead of the whole image)."""
+        if image.shape[0] <= OVERLAY_ROWS:
+            return overlay(image, color, self.alpha)
+        blended = np.empty_like(image)
+        for top in range(0, image.shape[0], OVERLAY_ROWS):
+            rows = slice(top, top + OVERLAY_ROWS)
+            blended[rows] = overlay(image[rows], color[rows], self.alpha)
+        return blended
 
     def _run_video(self, item: InputFile, out: Path, summary: PredictSummary) -> None:
         capture = cv2.VideoCapture(str(item.path))
@@ -273,7 +399,7 @@ class Predictor:
             return
         target = out / "overlays" / f"{item.name}.mp4"
         # The writer picks its container from the suffix: the partial file ends in .mp4 too.
-        partial = target.with_name(f".{target.stem}.partial.mp4")
+        partial = partial_path(target, ".mp4")
         writer: cv2.VideoWriter | None = None
         cannot_write = False
         frames = 0
