@@ -233,7 +233,10 @@ def test_dataset_root_override_reaches_the_dataset(synth_root: Path, tmp_path: P
         (["save_pred=jpeg"], "save_pred"),
         (["eval=nonexistent"], "eval/nonexistent"),
         (["dataset.split=nosuchsplit"], "nosuchsplit"),
-        (["eval.scales=abc"], "eval.scales must be a non-empty list of positive numbers, got 'abc'"),
+        (
+            ["eval.scales=abc"],
+            "eval.scales must be a non-empty list of positive numbers, got 'abc'",
+        ),
         (["eval.crop_size=abc", "eval.mode=slide"], "eval.crop_size must be [h, w]"),
         (["dataset.num_classes=3"], "predicts 19 classes but dataset.num_classes is 3"),
     ],

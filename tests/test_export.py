@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import builtins
+import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -13,7 +15,7 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from seg.engine.checkpoint import save_checkpoint
+from seg.engine.checkpoint import load_checkpoint, save_checkpoint
 from seg.errors import ConfigError
 from seg.export import (
     DeployDependencyError,
@@ -130,8 +132,12 @@ def test_export_logits_only_and_check_catches_mismatch(
 ) -> None:
     ckpt, model = trained
     out = tmp_path / "logits.onnx"
+    stale = tmp_path / ".logits.onnx.somehost-1-0123abcd.partial"  # left by a killed export
+    stale.write_bytes(b"x")
+    os.utime(stale, (0, 0))
     # optimize=False: half the export time; the tool test covers the optimised graph.
     summary = export_checkpoint(ckpt, out, argmax=False, sizes=SIZES, optimize=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["logits.onnx"]  # no litter, old or new
     assert [r.shape for r in summary.parity] == [(1, 3, 64, 128), (2, 3, 101, 157)]
     assert all(r.max_abs_diff <= 1e-4 and r.label_mismatches is None for r in summary.parity)
     assert [o.name for o in onnx.load(str(out)).graph.output] == ["logits"]
@@ -149,6 +155,40 @@ def test_export_rejects_old_opset(trained: tuple[Path, BiSeNetV2], tmp_path: Pat
     _, model = trained
     with pytest.raises(ConfigError, match="opset must be >= 18"):
         export_onnx(deploy_twin(model), tmp_path / "m.onnx", opset=16)
+
+
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        ({"opset": "abc"}, "opset must be an integer, got 'abc'"),
+        ({"opset": 18.5}, "opset must be a whole number, got 18.5"),
+        ({"opset": 17}, "opset must be >= 18"),
+        ({"argmax": "abc"}, "argmax must be true or false, got 'abc'"),
+        ({"check": "yes"}, "check must be true or false, got 'yes'"),
+        ({"tolerance": "abc"}, "tolerance must be a positive number, got 'abc'"),
+    ],
+)
+def test_export_settings_of_the_wrong_type_are_one_line(
+    trained: tuple[Path, BiSeNetV2], tmp_path: Path, settings: dict, message: str
+) -> None:
+    with pytest.raises(ConfigError) as info:
+        export_checkpoint(trained[0], tmp_path / "m.onnx", **settings)
+    assert message in str(info.value) and "\n" not in str(info.value)
+    assert not list(tmp_path.iterdir())
+
+
+def test_export_refuses_a_planted_target_before_building_anything(
+    trained: tuple[Path, BiSeNetV2], tmp_path: Path
+) -> None:
+    checkpoint = load_checkpoint(trained[0])
+    marker = tmp_path / "code_ran"
+    planted = {"_target_": "seg.fileio.write_text_atomic", "path": str(marker), "text": "x"}
+    checkpoint["config"]["model"]["backbone"] = {"stem": planted}
+    save_checkpoint(tmp_path / "evil.pt", checkpoint)
+    expected = "model.backbone.stem._target_='seg.fileio.write_text_atomic' is not one of"
+    with pytest.raises(ConfigError, match=re.escape(expected)):
+        export_checkpoint(tmp_path / "evil.pt", tmp_path / "m.onnx")
+    assert not marker.exists() and not (tmp_path / "m.onnx").exists()
 
 
 def test_missing_deploy_extra_names_the_extra(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -16,7 +17,7 @@ from seg.engine.checkpoint import save_checkpoint
 from seg.engine.load import load_inference_model
 from seg.errors import CheckpointError, ConfigError, DatasetError
 from seg.models.bisenetv2 import BiSeNetV2
-from seg.predict import Predictor, collect_inputs, run_prediction
+from seg.predict import Predictor, collect_inputs, output_names, run_prediction
 from seg.visualize import cityscapes_palette, colorize, generated_palette, overlay
 
 REPO = Path(__file__).resolve().parents[1]
@@ -169,9 +170,23 @@ def test_predictor_rejects_bad_settings(trained: tuple[Path, BiSeNetV2]) -> None
         ({"alpha": 1.5}, "alpha"),
         ({"mode": "slide"}, "crop_size"),
         ({"amp": "fp8"}, "amp"),
+        # wrong types: one line naming the key, not a ZeroDivisionError or ValueError
+        ({"mode": "slide", "crop_size": [32, 32], "stride": [0, 0]}, r"stride must be \[h, w\]"),
+        ({"mode": "slide", "crop_size": [32, 32], "stride": [64, 64]}, "larger than crop_size"),
+        ({"mode": "slide", "crop_size": "abc", "stride": 8}, "crop_size must be"),
+        ({"scales": "abc"}, "scales must be a non-empty list of positive numbers, got 'abc'"),
+        ({"scales": [1.0, 0]}, "scales must be"),
+        ({"batch_size": "abc"}, "batch_size must be an integer, got 'abc'"),
+        ({"batch_size": 2.9}, "batch_size must be a whole number, got 2.9"),
+        ({"alpha": "abc"}, "alpha must be a number"),
+        ({"flip": "abc"}, "flip must be true or false"),
+        ({"tile_size": [0, 64]}, "tile_size must be"),
+        ({"tile_margin": -1}, "tile_margin must be >= 0"),
+        ({"tile_pixels": "abc"}, "tile_pixels must be an integer"),
     ):
-        with pytest.raises(ConfigError, match=match):
+        with pytest.raises(ConfigError, match=match) as info:
             Predictor(net, **bad)
+        assert len(str(info.value).splitlines()) == 1
     with pytest.raises(ConfigError, match="device must be"):
         load_inference_model(trained[0], device="gpu0")
     if not torch.cuda.is_available():
@@ -190,6 +205,32 @@ def test_collect_inputs(tmp_path: Path) -> None:
         (tmp_path / "in" / name).write_bytes(b"x")
     names = [i.name for i in collect_inputs(tmp_path / "in", exclude=tmp_path / "in" / "out")]
     assert names == ["a_jpg", "a_png", "sub/b"]
+
+
+def test_output_names_never_collide() -> None:
+    paths = [Path(p) for p in ("a.jpg", "a.png", "a_png.png", "A.PNG", "b.png", "s/a.png")]
+    names = output_names(paths)
+    # a_png.png keeps its own name; a.png, whose suffixed name it takes, gets a number.
+    assert names == ["a_jpg", "a_png_2", "a_png", "A_png_3", "b", "s/a"]
+    assert len({n.casefold() for n in names}) == len(names)  # distinct on any disk
+    many = output_names([Path(f"x.{s}") for s in ("png", "PNG", "jpg")] + [Path("x_png.jpg")])
+    assert len({n.casefold() for n in many}) == 4
+
+
+def test_colliding_names_are_all_predicted(tmp_path: Path, trained: tuple[Path, BiSeNetV2]) -> None:
+    """a.jpg, a.png and a_png.png: three images, three distinct sets of outputs."""
+    for i, name in enumerate(("a.jpg", "a.png", "a_png.png")):
+        write_image(tmp_path / "in" / name, 32, 48, i)
+    out = tmp_path / "out"
+    summary = run_prediction(ckpt=trained[0], input=tmp_path / "in", out=out, progress=False)
+    assert summary.images == 3
+    for folder in ("labels", "colors", "overlays"):
+        assert sorted(p.name for p in (out / folder).iterdir()) == [
+            "a_jpg.png",
+            "a_png.png",
+            "a_png_2.png",
+        ]
+    assert "renamed to keep them apart: a.jpg -> a_jpg, a.png -> a_png_2" in summary.describe()
 
 
 # --------------------------------------------------------------------------- prediction
@@ -223,6 +264,62 @@ def test_predict_folder_mixed_sizes_and_corrupt_file(
         np.testing.assert_array_equal(blended, overlay(rgb, color, 0.5))
     assert not (out / "labels" / "broken.png").exists()
     assert not list(out.rglob(".*"))  # no partial files left behind
+
+
+def test_tiles_see_only_their_window_and_match_whole_with_full_context(
+    trained: tuple[Path, BiSeNetV2],
+) -> None:
+    net = load_inference_model(trained[0])
+    rgb = write_image_array(64, 96, seed=5)
+    whole = Predictor(net, tile_pixels=None, progress=False).predict([rgb])[0]
+    # Margins wider than the image: every tile's window is the whole image, so tiles agree
+    # with the whole-image prediction exactly.
+    full = Predictor(net, tile_pixels=1000, tile_size=[32, 48], tile_margin=1000)
+    assert full.needs_tiles(rgb)
+    np.testing.assert_array_equal(full.predict([rgb])[0], whole)
+    # Narrow margins: the model only ever sees a tile plus its margins (padded to 32).
+    shapes = []
+    hook = net.model.register_forward_pre_hook(lambda _, args: shapes.append(args[0].shape[-2:]))
+    try:
+        tiled = Predictor(net, tile_pixels=1000, tile_size=[32, 48], tile_margin=8).predict([rgb])
+    finally:
+        hook.remove()
+    assert tiled.shape == (1, 64, 96) and tiled.dtype == np.uint8
+    assert len(shapes) == 2 * 2  # 64 / 32 x 96 / 48 tiles
+    assert max(h for h, _ in shapes) <= 64 and max(w for _, w in shapes) <= 64
+    assert (tiled[0] == whole).mean() > 0.5  # same model; only the context differs
+
+
+def write_image_array(height: int, width: int, seed: int) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8)
+
+
+def test_large_images_are_predicted_in_tiles_by_run_prediction(
+    tmp_path: Path, trained: tuple[Path, BiSeNetV2]
+) -> None:
+    write_image(tmp_path / "in" / "big.png", 80, 120, 1)
+    write_image(tmp_path / "in" / "small.png", 32, 32, 2)
+    summary = run_prediction(
+        trained[0], tmp_path / "in", tmp_path / "out", tile_pixels=64 * 64, tile_size=[48, 48],
+        batch_size=4, progress=False,
+    )  # fmt: skip
+    assert summary.images == 2 and summary.tiled == 1
+    assert "1 image(s) in tiles" in summary.describe()
+    label = cv2.imread(str(tmp_path / "out" / "labels" / "big.png"), cv2.IMREAD_UNCHANGED)
+    assert label.shape == (80, 120)
+
+
+def test_stale_partial_files_in_the_output_folder_are_removed(
+    tmp_path: Path, trained: tuple[Path, BiSeNetV2]
+) -> None:
+    write_image(tmp_path / "in" / "a.png", 32, 32, 1)
+    out = tmp_path / "out"
+    stale = out / "labels" / "sub" / ".a.png.somehost-1-0123abcd.partial"  # kill -9 leftover
+    stale.parent.mkdir(parents=True)
+    stale.write_bytes(b"x")
+    os.utime(stale, (0, 0))  # old enough to be stale whichever machine wrote it
+    run_prediction(trained[0], tmp_path / "in", out, progress=False)
+    assert not stale.exists() and (out / "labels" / "a.png").is_file()
 
 
 def count_frames(path: Path) -> tuple[int, tuple[int, int]]:
