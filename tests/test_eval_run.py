@@ -278,6 +278,7 @@ def _planted(marker: Path) -> dict:
         "planted_in_dataset",
         "planted_under_model",
         "generate_in_val",
+        "interpolation",
     ],
 )
 def test_bad_checkpoints_give_one_line_errors_and_run_no_code(
@@ -311,6 +312,10 @@ def test_bad_checkpoints_give_one_line_errors_and_run_no_code(
         config["model"]["extra"] = {"inner": [_planted(marker)]}
         write_checkpoint(path, config, _palette_net(config))
         expected = "model.extra.inner.0._target_='seg.fileio.write_text_atomic' is not one"
+    elif case == "interpolation":  # resolving it would copy an environment variable out
+        config["dataset"]["name"] = "${oc.env:HOME}"
+        write_checkpoint(path, config, _palette_net(config))
+        expected = "config.dataset.name='${oc.env:HOME}' is an interpolation"
     else:  # a stored config that would make evaluation write a dataset where it says
         config["dataset"]["val"]["root"] = str(tmp_path / "made_here")
         config["dataset"]["val"]["generate"] = True

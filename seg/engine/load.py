@@ -114,6 +114,47 @@ def check_class_count(config: Mapping[str, Any], path: Path) -> None:
         )
 
 
+def check_stored_config(config: Mapping[str, Any], path: Path) -> None:
+    """Refuse a checkpoint whose stored config could act when it is used (one line each).
+
+    - every ``_target_`` must be one of seg's own classes (``seg.instantiate``);
+    - no string may hold an interpolation (``${...}``): the trainer stores its config
+      resolved, and resolving a planted one could read the environment (``oc.env``) into
+      reports;
+    - the evaluation dataset may not generate data (:func:`check_read_only`).
+
+    Raises:
+        ConfigError: a refused ``_target_``.
+        CheckpointError: an interpolation or a generating ``dataset.val``.
+    """
+    check_targets(config, f"from checkpoint {path}")
+    found = find_interpolation(config)
+    if found is not None:
+        key, value = found
+        raise CheckpointError(
+            f"checkpoint {path}: config.{key}={value[:80]!r} is an interpolation; a stored "
+            "config is saved resolved, so this one was altered (refused: resolving it could "
+            "read the environment)"
+        )
+    check_read_only(config, path)
+
+
+def find_interpolation(node: Any, prefix: str = "") -> tuple[str, str] | None:
+    """The first ``(dotted key, string)`` in ``node`` holding ``${``, or None."""
+    if isinstance(node, str):
+        return (prefix.rstrip("."), node) if "${" in node else None
+    items = node.items() if isinstance(node, Mapping) else None
+    if items is None and isinstance(node, list | tuple):
+        items = enumerate(node)
+    for key, value in items or ():
+        if isinstance(key, str) and "${" in key:
+            return f"{prefix}{key}", key
+        found = find_interpolation(value, f"{prefix}{key}.")
+        if found is not None:
+            return found
+    return None
+
+
 def check_read_only(config: Mapping[str, Any], path: Path) -> None:
     """Refuse a config whose evaluation dataset would write data (SynthCity's ``generate``).
 
@@ -162,11 +203,11 @@ def load_inference_model(
     device = dist.resolve_device(device) if isinstance(device, str) else device
     if checkpoint is None:
         checkpoint = load_checkpoint(path, map_location="cpu")
-    config = dict(config if config is not None else checkpoint["config"])
     # Checkpoints are data: the whole stored config is checked before anything is built
-    # (eval builds its dataset and evaluator from it too).
+    # (eval builds its dataset and evaluator from it too), then the one built from.
+    check_stored_config(checkpoint["config"], path)
+    config = dict(config if config is not None else checkpoint["config"])
     check_targets(config, f"from checkpoint {path}")
-    check_read_only(config, path)
     check_class_count(config, path)
     info = dataset_info(config, path)
     model = build_inference_model(config.get("model"), path)
