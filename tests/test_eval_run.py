@@ -279,6 +279,7 @@ def _planted(marker: Path) -> dict:
         "planted_under_model",
         "generate_in_val",
         "interpolation",
+        "directive",
     ],
 )
 def test_bad_checkpoints_give_one_line_errors_and_run_no_code(
@@ -316,6 +317,10 @@ def test_bad_checkpoints_give_one_line_errors_and_run_no_code(
         config["dataset"]["name"] = "${oc.env:HOME}"
         write_checkpoint(path, config, _palette_net(config))
         expected = "config.dataset.name='${oc.env:HOME}' is an interpolation"
+    elif case == "directive":  # a partial instead of a model: would fail with a traceback
+        config["model"]["_partial_"] = True
+        write_checkpoint(path, config, _palette_net(config))
+        expected = "config.model._partial_ is a Hydra directive"
     else:  # a stored config that would make evaluation write a dataset where it says
         config["dataset"]["val"]["root"] = str(tmp_path / "made_here")
         config["dataset"]["val"]["generate"] = True

@@ -29,6 +29,9 @@ from seg.models.weights import WEIGHT_FILE_ARGUMENTS, load_into
 from seg.values import int_setting
 from seg.visualize import generated_palette, palette_array
 
+#: Keys that make ``hydra.utils.instantiate`` build something else than ``_target_(**node)``.
+HYDRA_DIRECTIVES = ("_partial_", "_args_", "_recursive_", "_convert_")
+
 
 @dataclass
 class InferenceModel:
@@ -117,7 +120,8 @@ def check_class_count(config: Mapping[str, Any], path: Path) -> None:
 def check_stored_config(config: Mapping[str, Any], path: Path) -> None:
     """Refuse a checkpoint whose stored config could act when it is used (one line each).
 
-    - every ``_target_`` must be one of seg's own classes (``seg.instantiate``);
+    - every ``_target_`` must be one of seg's own classes (``seg.instantiate``), and no
+      other Hydra directive (``_partial_``, ``_args_``, ...) may appear;
     - no string may hold an interpolation (``${...}``): the trainer stores its config
       resolved, and resolving a planted one could read the environment (``oc.env``) into
       reports;
@@ -128,6 +132,12 @@ def check_stored_config(config: Mapping[str, Any], path: Path) -> None:
         CheckpointError: an interpolation or a generating ``dataset.val``.
     """
     check_targets(config, f"from checkpoint {path}")
+    directive = find_key(config, HYDRA_DIRECTIVES)
+    if directive is not None:
+        raise CheckpointError(
+            f"checkpoint {path}: config.{directive} is a Hydra directive that seg's configs "
+            "never use (refused: it would change what the stored config builds)"
+        )
     found = find_interpolation(config)
     if found is not None:
         key, value = found
@@ -137,6 +147,20 @@ def check_stored_config(config: Mapping[str, Any], path: Path) -> None:
             "read the environment)"
         )
     check_read_only(config, path)
+
+
+def find_key(node: Any, keys: tuple[str, ...], prefix: str = "") -> str | None:
+    """The dotted path of the first key of ``node`` (any depth) that is one of ``keys``."""
+    items = node.items() if isinstance(node, Mapping) else None
+    if items is None and isinstance(node, list | tuple):
+        items = enumerate(node)
+    for key, value in items or ():
+        if key in keys:
+            return f"{prefix}{key}"
+        found = find_key(value, keys, f"{prefix}{key}.")
+        if found is not None:
+            return found
+    return None
 
 
 def find_interpolation(node: Any, prefix: str = "") -> tuple[str, str] | None:
@@ -180,7 +204,12 @@ def build_inference_model(model_config: Any, path: Path | str) -> nn.Module:
         if key in node:
             node[key] = None
     node["aux_heads"] = False
-    return build(node, f"model of checkpoint {path} (config.model)")
+    model = build(node, f"model of checkpoint {path} (config.model)")
+    if not isinstance(model, nn.Module):
+        raise CheckpointError(
+            f"checkpoint {path}: config.model builds a {type(model).__name__}, not a model"
+        )
+    return model
 
 
 def load_inference_model(
