@@ -1,10 +1,11 @@
 """Atomic checkpoint saving and safe loading.
 
 A checkpoint is one ``torch.save`` file holding a dict with keys ``model``, ``optimizer``,
-``scheduler``, ``scaler`` (state dicts), ``iteration`` (int), ``rng``, ``config`` (the
-resolved config as plain containers) and ``metrics``. Only tensors and plain Python
+``scheduler``, ``scaler``, ``loss`` (state dicts), ``iteration`` (int), ``rng``, ``config``
+(the resolved config as plain containers) and ``metrics``. Only tensors and plain Python
 containers go in, so that :func:`load_checkpoint` can use ``weights_only=True``: a
-hostile file cannot run code while it is read.
+hostile file cannot run code while it is read (and its ``config`` builds only seg's own
+classes: ``seg.engine.load.check_stored_config``). docs/reliability.md states the guarantees.
 """
 
 from __future__ import annotations
