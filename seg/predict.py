@@ -258,7 +258,8 @@ class Predictor:
                 )
         scales = scales_setting(scales, "scales")
         tile = pair_setting(tile_size, "tile_size")
-        assert tile is not None
+        if tile is None:
+            raise ConfigError("tile_size must be [h, w], got None")
         self.tile_size = tile
         self.tile_margin = int_setting(tile_margin, "tile_margin", minimum=0)
         self.tile_pixels = (

@@ -238,6 +238,7 @@ def test_dataset_root_override_reaches_the_dataset(synth_root: Path, tmp_path: P
             "eval.scales must be a non-empty list of positive numbers, got 'abc'",
         ),
         (["eval.crop_size=abc", "eval.mode=slide"], "eval.crop_size must be [h, w]"),
+        (["eval.flip=abc"], "eval.flip must be true or false, got 'abc'"),
         (["dataset.num_classes=3"], "predicts 19 classes but dataset.num_classes is 3"),
     ],
 )

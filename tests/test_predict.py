@@ -181,6 +181,7 @@ def test_predictor_rejects_bad_settings(trained: tuple[Path, BiSeNetV2]) -> None
         ({"alpha": "abc"}, "alpha must be a number"),
         ({"flip": "abc"}, "flip must be true or false"),
         ({"tile_size": [0, 64]}, "tile_size must be"),
+        ({"tile_size": None}, "tile_size must be"),
         ({"tile_margin": -1}, "tile_margin must be >= 0"),
         ({"tile_pixels": "abc"}, "tile_pixels must be an integer"),
     ):

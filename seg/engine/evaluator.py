@@ -19,7 +19,7 @@ from seg.engine.amp import AmpSettings, amp_choice, autocast, resolve_amp
 from seg.engine.inference import INFERENCE_MODES, predict_probs
 from seg.errors import ConfigError
 from seg.metrics import ConfusionMatrix
-from seg.values import int_setting, pair_setting, scales_setting
+from seg.values import bool_setting, int_setting, pair_setting, scales_setting
 
 #: Called once per batch with the collated batch (CPU) and the predicted ids
 #: (int64 N x H x W on the device), e.g. to save prediction images.
@@ -85,7 +85,7 @@ class Evaluator:
         self.std = [float(v) for v in std]
         self.mode = mode
         self.scales = scales
-        self.flip = bool(flip)
+        self.flip = bool_setting(flip, "eval.flip")
         self.amp = "off" if amp is None or amp is False else amp
         self.class_names = list(class_names) if class_names is not None else None
         self.batch_size = int(batch_size)
