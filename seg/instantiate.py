@@ -1,15 +1,17 @@
 """``hydra.utils.instantiate`` restricted to the project's own classes, with one-line errors.
 
-Configs are data, and so are the configs stored in checkpoints: evaluating, predicting with
-or exporting a checkpoint rebuilds its model (and, for evaluation, its dataset and
-evaluator) from the stored config. A ``_target_`` is an import path that Hydra imports and
-calls, so a planted ``_target_`` would make a checkpoint run code. :func:`build` therefore
-checks every ``_target_`` of a node, at any depth, against :data:`ALLOWED_TARGETS` before
-anything is imported or built, and refuses the whole node with one ``ConfigError`` line
-naming the key and the value. The same rule holds for training configs, so that there is one
-list to keep: a new model, dataset, transform, loss, optimizer or schedule joins it in the
-change that adds the class. Python code that builds its own classes from a config can admit
-them for a block with :func:`allow_targets`; neither a config nor a checkpoint can.
+Checkpoints are data, and so are the configs stored in them: evaluating, predicting with or
+exporting a checkpoint rebuilds its model (and, for evaluation, its dataset and evaluator)
+from the stored config. A ``_target_`` is an import path that Hydra imports and calls, so a
+planted ``_target_`` would make a checkpoint run code. :func:`build_from_checkpoint` (and
+:func:`check_targets`, which ``seg.engine.load`` runs on a whole stored config first)
+therefore checks every ``_target_`` of a node, at any depth, against
+:data:`ALLOWED_TARGETS` before anything is imported or built, and refuses the whole node
+with one ``ConfigError`` line naming the key and the value. A new model, dataset, transform,
+loss, optimizer or schedule joins the list in the change that adds the class. The configs a
+user writes for training are the user's own code and may name any class (:func:`build`);
+Python code that evaluates checkpoints of its own classes admits them for a block with
+:func:`allow_targets` (neither a config nor a checkpoint can).
 
 Hydra wraps anything a ``_target_`` raises in a multi-line ``InstantiationException``. A
 ``SegError`` raised inside (a missing dataset root, a bad loss setting) reaches the user
@@ -136,16 +138,21 @@ def check_targets(node: Any, what: str) -> None:
         )
 
 
+def build_from_checkpoint(node: Any, what: str, **kwargs: Any) -> Any:
+    """:func:`build` for a node of a config stored in a checkpoint: every ``_target_`` in
+    ``node`` must be allowed (:func:`check_targets`) before anything is imported."""
+    check_targets(node, f"the {what}")
+    return build(node, what, **kwargs)
+
+
 def build(node: Any, what: str, **kwargs: Any) -> Any:
-    """``instantiate(node, **kwargs)`` once every ``_target_`` in ``node`` is allowed;
-    ``what`` names the object in error messages.
+    """``instantiate(node, **kwargs)`` for a config the user wrote; ``what`` names the
+    object in error messages.
 
     Raises:
-        ConfigError: a refused ``_target_`` (nothing is imported or built then), or any
-            other build failure, in one line.
+        ConfigError: any build failure, in one line.
         SegError: raised by the target itself (e.g. ``DatasetError``), passed on as is.
     """
-    check_targets(node, f"the {what}")
     try:
         return instantiate(node, **kwargs)
     except InstantiationException as error:

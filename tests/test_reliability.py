@@ -27,7 +27,7 @@ from seg.engine.checkpoint import load_checkpoint, save_checkpoint
 from seg.engine.state import TrainState, checkpoint_payload
 from seg.engine.train_run import run
 from seg.errors import CheckpointError, ConfigError, DatasetError
-from seg.instantiate import ALLOWED_TARGETS, allow_targets, build
+from seg.instantiate import ALLOWED_TARGETS, allow_targets, build, build_from_checkpoint
 from seg.models.bisenetv2 import BiSeNetV2
 from seg.predict import run_prediction
 
@@ -81,7 +81,7 @@ def test_build_refuses_a_foreign_target_at_any_depth_before_importing_anything(
         "extra": [{"deeper": planted(marker)}, {"_target_": f"{never_imported}.s"}],
     }
     with pytest.raises(ConfigError) as info:
-        build(node, "model")
+        build_from_checkpoint(node, "model")
     message = str(info.value)
     assert message.startswith(f"refused to build the model: extra.0.deeper._target_='{PLANTED}'")
     assert "\n" not in message and "seg.instantiate.ALLOWED_TARGETS" in message
@@ -92,19 +92,24 @@ def test_refusals_name_the_full_key_of_a_config_node(tmp_path: Path) -> None:
     cfg = compose_cfg(tmp_path / "data")
     cfg.dataset.val.transform = planted(tmp_path / "code_ran")
     with pytest.raises(ConfigError, match=r"dataset\.val\.transform\._target_="):
-        build(cfg.dataset.val, "dataset")
+        build_from_checkpoint(cfg.dataset.val, "dataset")
     cfg.loss.heads.main.loss = {"_target_": "os.system", "command": "touch x"}
     with pytest.raises(ConfigError, match=r"loss\.heads\.main\.loss\._target_='os\.system'"):
-        build(cfg.loss, "loss")  # training configs are held to the same list
+        build_from_checkpoint(cfg.loss, "loss")
     assert not (tmp_path / "code_ran").exists() and not (tmp_path / "data").exists()
+
+
+def test_training_configs_may_name_the_users_own_classes() -> None:
+    """A config the user writes is the user's code: build() takes any class."""
+    assert build({"_target_": "collections.OrderedDict"}, "thing") == {}
 
 
 def test_allow_targets_admits_more_only_inside_its_block() -> None:
     node = {"_target_": "collections.OrderedDict"}
     with allow_targets("collections.OrderedDict"):
-        assert build(node, "thing") == {}
+        assert build_from_checkpoint(node, "thing") == {}
     with pytest.raises(ConfigError, match="refused"):
-        build(node, "thing")
+        build_from_checkpoint(node, "thing")
     assert "collections.OrderedDict" not in ALLOWED_TARGETS
 
 

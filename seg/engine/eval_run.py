@@ -37,7 +37,7 @@ from seg.engine.evaluator import Evaluator
 from seg.engine.load import load_inference_model
 from seg.errors import CheckpointError, ConfigError, SegError, first_line
 from seg.fileio import write_png, write_text_atomic
-from seg.instantiate import build
+from seg.instantiate import build_from_checkpoint
 from seg.metrics import format_metrics_table
 from seg.visualize import overlay
 
@@ -295,9 +295,9 @@ def run_eval(tool_cfg: DictConfig, overrides: Mapping[str, Any]) -> dict[str, An
         config = OmegaConf.to_container(cfg, resolve=True)
         assert isinstance(config, dict)
         net = load_inference_model(ckpt_path, device, checkpoint=checkpoint, config=config)
-        dataset = build(cfg.dataset.val, "dataset")
+        dataset = build_from_checkpoint(cfg.dataset.val, "dataset")
         check_num_classes(cfg, dataset, ckpt_path)
-        evaluator: Evaluator = build(cfg.eval, "evaluator")
+        evaluator: Evaluator = build_from_checkpoint(cfg.eval, "evaluator")
         loader_cfg = cfg.get("loader") or {}
         loader = build_eval_loader(
             dataset,

@@ -24,7 +24,7 @@ from torch import nn
 from seg import dist
 from seg.engine.checkpoint import load_checkpoint
 from seg.errors import CheckpointError
-from seg.instantiate import build, check_targets
+from seg.instantiate import build_from_checkpoint, check_targets
 from seg.models.weights import WEIGHT_FILE_ARGUMENTS, load_into
 from seg.values import int_setting
 from seg.visualize import generated_palette, palette_array
@@ -204,7 +204,7 @@ def build_inference_model(model_config: Any, path: Path | str) -> nn.Module:
         if key in node:
             node[key] = None
     node["aux_heads"] = False
-    model = build(node, f"model of checkpoint {path} (config.model)")
+    model = build_from_checkpoint(node, f"model of checkpoint {path} (config.model)")
     if not isinstance(model, nn.Module):
         raise CheckpointError(
             f"checkpoint {path}: config.model builds a {type(model).__name__}, not a model"
