@@ -448,7 +448,7 @@ def test_wrong_format_and_unwritable_out(tmp_path: Path, reference: dict) -> Non
         convert_checkpoint(src, tmp_path / "a.pt", source_format="mmseg")
     blocker = tmp_path / "a_file"
     blocker.write_text("")
-    with pytest.raises(ConfigError, match=f"cannot write out={blocker}/sub/out.pt"):
+    with pytest.raises(CheckpointError, match=f"cannot save checkpoint {blocker}/sub/out.pt"):
         convert_checkpoint(src, blocker / "sub" / "out.pt")
     with pytest.raises(ConfigError, match="is the source file itself"):
         convert_checkpoint(src, src)
