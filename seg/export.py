@@ -52,6 +52,8 @@ _CHATTY_LOGGERS = ("onnxscript", "onnx_ir")
 class DeployDependencyError(SegError):
     """A package of the ``deploy`` extra (onnx, onnxscript, onnxruntime) is missing."""
 
+    exit_status = 2  # the user installs it (seg/cli.py: bad input or environment)
+
 
 class ExportError(SegError):
     """The export failed, or the exported model does not match PyTorch."""

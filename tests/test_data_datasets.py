@@ -208,7 +208,7 @@ def test_check_dataset_exit_status(tmp_path, capsys):
     assert "aachen_000000_000019_leftImg8bit.png" in out
 
     assert main(["dataset=cityscapes", f"dataset.root={tmp_path / 'missing'}"]) == 2
-    assert "dataset root not found" in capsys.readouterr().out
+    assert "dataset root not found" in capsys.readouterr().err  # errors go to stderr
 
 
 def test_check_counts_class_pixels(tmp_path):

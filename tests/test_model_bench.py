@@ -2,34 +2,22 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
-from types import ModuleType
 
 import pytest
 import torch
 
+from seg.bench.report import main as benchmark_main
 from seg.bench.report import parse_sections
 from seg.errors import ConfigError
-
-REPO = Path(__file__).resolve().parents[1]
-
-
-def load_tool() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("benchmark_tool", REPO / "tools" / "benchmark.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def test_quick_model_benchmark_writes_results(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    tool = load_tool()
     out = tmp_path / "bench"
-    code = tool.main(["--quick", "--sections", "model", "--device", "cpu", "--out", str(out)])
+    code = benchmark_main(["quick=true", "sections=[model]", "device=cpu", f"out={out}"])
     assert code == 0
     results = json.loads((out / "results.json").read_text())
     assert results["machine"]["device"] == "cpu"
@@ -63,11 +51,10 @@ def test_quick_model_benchmark_writes_results(
 def test_bad_arguments_exit_with_status_2(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    tool = load_tool()
-    assert tool.main(["--sections", "model,bogus", "--out", str(tmp_path)]) == 2
+    assert benchmark_main(["sections=[model,bogus]", f"out={tmp_path}"]) == 2
     assert "bogus" in capsys.readouterr().err
     with pytest.raises(ConfigError):
         parse_sections("")
     if not torch.cuda.is_available():
-        assert tool.main(["--device", "cuda", "--sections", "model", "--out", str(tmp_path)]) == 2
+        assert benchmark_main(["device=cuda", "sections=[model]", f"out={tmp_path}"]) == 2
         assert "CUDA" in capsys.readouterr().err

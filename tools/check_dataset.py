@@ -3,15 +3,21 @@
     python tools/check_dataset.py dataset=cityscapes [dataset.root=/path/to/cityscapes]
 
 Exits 0 when all files are fine, 1 listing the bad files, 2 when the dataset cannot be
-opened (missing root or split folder). Logic: ``seg/data/check.py``.
+opened (missing root or split folder) or an override is wrong. Settings:
+configs/check_dataset.yaml; logic: seg/data/check.py.
 """
 
-import sys
+import hydra
+from omegaconf import DictConfig
 
-from seg.data.check import main
+from seg.cli import run_app, run_job
+from seg.data.check import check
+
+
+@hydra.main(config_path="../configs", config_name="check_dataset", version_base="1.3")
+def main(cfg: DictConfig) -> None:
+    run_job(check, cfg)
+
 
 if __name__ == "__main__":
-    if {"-h", "--help"} & set(sys.argv[1:]):
-        print(__doc__)
-        sys.exit(0)
-    sys.exit(main(sys.argv[1:]))
+    run_app(main)

@@ -3,14 +3,24 @@
     python tools/eval.py ckpt=PATH [dataset.root=...] [dataset.split=val] [eval.flip=true]
         [eval.scales=[0.75,1.0,1.25]] [eval.mode=slide] [eval=PRESET] [out=DIR]
         [save_pred=labelIds|color]
+    python tools/eval.py -m ckpt=a.pt,b.pt
     torchrun --nproc_per_node=2 tools/eval.py ckpt=PATH
 
-Settings: configs/eval.yaml; logic: seg/engine/eval_run.py.
+Settings: configs/eval.yaml; logic: seg/engine/eval_run.py. Exit status: 0 done, 2 bad
+checkpoint, data or setting (one `error:` line on stderr).
 """
 
-import sys
+import hydra
+from omegaconf import DictConfig
 
-from seg.engine.eval_run import main
+from seg.cli import run_app, run_job
+from seg.engine.eval_run import evaluate
+
+
+@hydra.main(config_path="../configs", config_name="eval", version_base="1.3")
+def main(cfg: DictConfig) -> None:
+    run_job(evaluate, cfg)
+
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    run_app(main)

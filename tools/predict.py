@@ -13,23 +13,26 @@ import sys
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from seg.errors import SegError
+from seg.cli import EXIT_FAILED, run_app, run_job
 from seg.predict import run_prediction
+
+
+def predict(cfg: DictConfig) -> int:
+    """Predict every input; 1 when some files were skipped."""
+    options = OmegaConf.to_container(cfg, resolve=True)
+    assert isinstance(options, dict)
+    summary = run_prediction(**options)
+    print(summary.describe())
+    if summary.skipped:
+        print("skipped: " + ", ".join(str(path) for path, _ in summary.skipped), file=sys.stderr)
+        return EXIT_FAILED
+    return 0
 
 
 @hydra.main(config_path="../configs", config_name="predict", version_base="1.3")
 def main(cfg: DictConfig) -> None:
-    options = OmegaConf.to_container(cfg, resolve=True)
-    try:
-        summary = run_prediction(**options)
-    except (SegError, OSError) as error:  # OSError: an unwritable output path, named in it
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(2)
-    print(summary.describe())
-    if summary.skipped:
-        print("skipped: " + ", ".join(str(path) for path, _ in summary.skipped), file=sys.stderr)
-        sys.exit(1)
+    run_job(predict, cfg)
 
 
 if __name__ == "__main__":
-    main()
+    run_app(main)

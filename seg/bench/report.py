@@ -1,8 +1,9 @@
 """Benchmark orchestration: run sections, describe the machine, write results.json/.md.
 
-``tools/benchmark.py`` only parses arguments and calls ``run_benchmark``. Each section is
-a module ``seg.bench.<name>`` exposing ``run(options: BenchOptions) -> Section``, listed in
-:data:`SECTIONS`.
+``tools/benchmark.py`` (config ``configs/benchmark.yaml``) calls :func:`benchmark`, which
+checks the settings and calls ``run_benchmark``; :func:`main` does the same in-process.
+Each section is a module ``seg.bench.<name>`` exposing ``run(options: BenchOptions) ->
+Section``, listed in :data:`SECTIONS`.
 """
 
 from __future__ import annotations
@@ -32,9 +33,13 @@ SECTIONS: dict[str, Callable[[BenchOptions], Section]] = {
 }
 
 
-def parse_sections(text: str) -> list[str]:
-    """``"model,loss"`` -> ``["model", "loss"]``, checked against ``SECTIONS``."""
-    names = [name.strip() for name in text.split(",") if name.strip()]
+def parse_sections(text: str | Sequence[str] | None) -> list[str]:
+    """``"model,loss"`` or ``["model", "loss"]`` -> ``["model", "loss"]``, checked against
+    ``SECTIONS``; ``None``: all of them."""
+    if text is None:
+        return list(SECTIONS)
+    items = text.split(",") if isinstance(text, str) else [str(t) for t in text]
+    names = [name.strip() for name in items if name.strip()]
     unknown = [name for name in names if name not in SECTIONS]
     if unknown or not names:
         raise ConfigError(
@@ -132,3 +137,29 @@ def run_benchmark(
     done = run_sections(sections, options)
     out_dir = out_dir if out_dir is not None else default_out_dir()
     return write_results(out_dir, machine, done), out_dir
+
+
+def benchmark(cfg: Any) -> int:
+    """``tools/benchmark.py``'s work (configs/benchmark.yaml): run, print, write."""
+    if int(cfg.repeats) < 1 or int(cfg.warmup) < 0:
+        raise ConfigError(
+            f"repeats must be >= 1 and warmup >= 0, got repeats={cfg.repeats}, warmup={cfg.warmup}"
+        )
+    options = BenchOptions(
+        device=str(cfg.device),
+        repeats=int(cfg.repeats),
+        warmup=int(cfg.warmup),
+        quick=bool(cfg.quick),
+    )
+    out = Path(str(cfg.out)) if cfg.get("out") else None
+    markdown, out_dir = run_benchmark(parse_sections(cfg.get("sections")), options, out)
+    print(markdown)
+    print(f"results written to {out_dir}/results.json and results.md")
+    return 0
+
+
+def main(argv: Sequence[str]) -> int:
+    """``tools/benchmark.py ARGS`` in this process; returns its exit status."""
+    from seg.cli import run_in_process
+
+    return run_in_process("benchmark", argv, benchmark)

@@ -7,7 +7,8 @@ without labels. Also prints per-channel image mean/std (0-1 scale), the numbers 
 dataset config's ``mean``/``std`` need.
 
 Exit status: 0 when every file is fine, 1 when some are bad (they are listed), 2 when
-the dataset cannot be opened at all (a ``SegError``, e.g. a missing root).
+the dataset cannot be opened at all (a ``SegError``, e.g. a missing root), printed as
+one ``error:`` line on stderr by ``seg.cli``.
 """
 
 from __future__ import annotations
@@ -192,13 +193,16 @@ def run_check(dataset_cfg: DictConfig) -> tuple[str, int]:
     return text, 1 if bad else 0
 
 
-def main(argv: Sequence[str]) -> int:
-    """``tools/check_dataset.py dataset=NAME [dataset.root=...]``."""
-    try:
-        cfg = compose_dataset_config(argv)
-        text, status = run_check(cfg.dataset)
-    except SegError as err:
-        print(f"error: {err}")
-        return 2
+def check(cfg: DictConfig) -> int:
+    """``tools/check_dataset.py``'s work (configs/check_dataset.yaml): print the report;
+    0 when every file is fine, 1 when some are bad."""
+    text, status = run_check(cfg.dataset)
     print(text)
     return status
+
+
+def main(argv: Sequence[str]) -> int:
+    """``tools/check_dataset.py dataset=NAME [dataset.root=...]`` in this process."""
+    from seg.cli import run_in_process
+
+    return run_in_process("check_dataset", argv, check)

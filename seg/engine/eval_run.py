@@ -1,22 +1,26 @@
 """The logic behind ``tools/eval.py``: evaluate a checkpoint with the config stored in it.
 
-Command line (``key=value`` in Hydra's override syntax)::
+Command line (Hydra overrides; ``-m`` evaluates several checkpoints)::
 
     python tools/eval.py ckpt=PATH [out=DIR] [save_pred=labelIds|color] [device=cpu]
         [dataset.root=...] [dataset.split=val|train] [eval.mode=slide] [eval.flip=true]
         [eval.scales=[0.75,1.0,1.25]] [loader.num_workers=2] [eval=slide]
+    python tools/eval.py -m ckpt=a.pt,b.pt
 
-``ckpt``, ``out``, ``save_pred``, ``device`` and ``progress`` are the tool's own settings
-(``configs/eval.yaml``). ``eval=NAME`` replaces the stored evaluation settings by the
-preset ``configs/eval/NAME.yaml``. Every other dotted key overrides the config stored in
-the checkpoint; a key that config does not have is an error.
+The tool's config (``configs/eval.yaml``) holds its own keys (``ckpt``, ``out``,
+``save_pred``, ``device``, ``progress``) and four sections, ``dataset``, ``model``,
+``loader`` and ``eval``, that start empty and open (:data:`STORED_SECTIONS`, registered
+as the config ``stored_config_sections``): what the user sets in them overrides the
+config stored in the checkpoint, and a key that config does not have is an error.
+``eval=NAME`` fills the ``eval`` section with the preset ``configs/eval/NAME.yaml``,
+which then replaces the stored evaluation settings. ``--cfg job`` shows exactly these
+overrides.
 """
 
 from __future__ import annotations
 
 import json
 import math
-import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -24,32 +28,34 @@ from typing import Any
 import numpy as np
 import torch
 from cityscapesscripts.helpers.labels import labels as cityscapes_labels
-from hydra import compose, initialize_config_dir
-from hydra.core.override_parser.overrides_parser import OverridesParser
-from hydra.errors import HydraException
+from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 
 from seg import dist
+from seg.cli import CONFIG_DIR, run_in_process
 from seg.data.loader import build_eval_loader
 from seg.engine.checkpoint import load_checkpoint
 from seg.engine.evaluator import Evaluator
 from seg.engine.load import load_inference_model
-from seg.errors import CheckpointError, ConfigError, SegError, first_line
+from seg.engine.state import flatten
+from seg.errors import CheckpointError, ConfigError
 from seg.fileio import write_png, write_text_atomic
 from seg.instantiate import build_from_checkpoint
 from seg.metrics import format_metrics_table
 from seg.visualize import overlay
 
-CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
-TOOL_KEYS = ("ckpt", "out", "save_pred", "device", "progress")
+__all__ = ["CONFIG_DIR", "build_eval_config", "evaluate", "main", "run_eval"]
+
 SAVE_PRED_KINDS = ("labelIds", "color")
+#: The sections of the stored training config that eval.py's command line may override.
+STORED_SECTIONS = ("dataset", "model", "loader", "eval")
 
 # The stored config is resolved: keys that were interpolations of another key no longer
 # follow it. These links come from the dataset and eval contracts (docs/architecture.md);
-# a linked key still holding the source's old value is updated with it.
+# a linked key still holding the source's old value is updated with it. Paths built from
+# dataset.root and dataset.split (every dataset kind) are followed by relocate_paths.
 LINKED_KEYS: dict[str, tuple[str, ...]] = {
-    "dataset.root": ("dataset.train.root", "dataset.val.root"),
     "dataset.split": ("dataset.val.split",),
     "dataset.num_classes": ("eval.num_classes",),
     "dataset.ignore_index": ("eval.ignore_index",),
@@ -59,47 +65,16 @@ LINKED_KEYS: dict[str, tuple[str, ...]] = {
 }
 
 
-# ----------------------------------------------------------------------------- CLI parsing
-def parse_args(args: Sequence[str]) -> tuple[list[str], dict[str, Any]]:
-    """Split ``key=value`` arguments into (overrides for configs/eval.yaml, dotted overrides).
-
-    The first list holds the tool's own keys and an ``eval=NAME`` preset choice, in Hydra
-    syntax for :func:`compose_tool_config`; the dict maps dotted keys of the stored
-    config to parsed values (``[0.5,1.0]`` -> list, ``true`` -> bool, ``null`` -> None).
-    """
-    try:
-        parsed = OverridesParser.create().parse_overrides(list(args))
-    except HydraException as error:
-        raise ConfigError(f"cannot parse arguments {list(args)}: {error}") from None
-    tool_overrides: list[str] = []
-    config_overrides: dict[str, Any] = {}
-    for override in parsed:
-        key = override.key_or_group
-        if override.is_delete() or override.is_add() or override.package:
-            raise ConfigError(
-                f"unsupported argument {override.input_line!r}: use key=value "
-                "(keys of the checkpoint's config or of configs/eval.yaml)"
-            )
-        if key in TOOL_KEYS or key == "eval":
-            tool_overrides.append(override.input_line)
-        elif "." in key:
-            config_overrides[key] = override.value()
-        else:
-            raise ConfigError(
-                f"unknown argument {override.input_line!r}: expected one of {list(TOOL_KEYS)}, "
-                "eval=PRESET, or a dotted key of the checkpoint's config such as dataset.root=..."
-            )
-    return tool_overrides, config_overrides
+def _register_sections() -> None:
+    """Register ``stored_config_sections``: the four override sections, empty and open
+    (struct off), so that Hydra accepts ``dataset.root=X`` without a ``+``."""
+    node = OmegaConf.create({section: {} for section in STORED_SECTIONS})
+    for section in STORED_SECTIONS:
+        OmegaConf.set_struct(node[section], False)
+    ConfigStore.instance().store(name="stored_config_sections", node=node)
 
 
-def compose_tool_config(tool_overrides: Sequence[str]) -> DictConfig:
-    """Compose ``configs/eval.yaml`` (plus an ``eval`` preset if chosen) with Hydra."""
-    try:
-        with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
-            return compose(config_name="eval", overrides=list(tool_overrides))
-    except (HydraException, OmegaConfBaseException) as error:
-        first = first_line(error)
-        raise ConfigError(f"bad eval.py arguments {list(tool_overrides)}: {first}") from None
+_register_sections()
 
 
 # ------------------------------------------------------------------------ config merging
@@ -107,10 +82,67 @@ def _select(cfg: DictConfig, key: str) -> Any:
     return OmegaConf.select(cfg, key, default=None, throw_on_missing=False)
 
 
+def user_overrides(tool_cfg: DictConfig, preset: str | None) -> dict[str, Any]:
+    """The dotted keys the user set in the tool's stored-config sections (the preset's
+    own keys left out: the preset replaces the stored ``eval`` section as a whole)."""
+    out: dict[str, Any] = {}
+    for section in STORED_SECTIONS:
+        if section == "eval" and preset is not None:
+            continue
+        node = tool_cfg.get(section)
+        if node:
+            values = OmegaConf.to_container(node, resolve=False)
+            assert isinstance(values, dict)
+            out.update(flatten(values, f"{section}."))
+    return out
+
+
+def relocate_paths(
+    dataset: DictConfig, old_root: Any, old_split: Any, explicit: Sequence[str]
+) -> None:
+    """Make the stored dataset nodes follow a new ``dataset.root`` / ``dataset.split``.
+
+    The stored config is resolved, so ``image_dir: ${dataset.root}/images/${dataset.split}``
+    (FolderDataset) or ``root: ${dataset.root}`` (Cityscapes, SynthCity) now hold plain
+    strings. Every string under ``dataset.train`` / ``dataset.val`` equal to the old root,
+    or a path below it, moves to the new root; below the root, a path component equal to
+    the old split becomes the new split in ``dataset.val`` (the evaluated split). Keys the
+    user set themselves (``explicit``) are left as set.
+    """
+    new_root, new_split = dataset.get("root"), dataset.get("split")
+    moved_root = old_root not in (None, "") and new_root != old_root
+    moved_split = old_split not in (None, "") and new_split != old_split
+
+    def follow(node: Any, path: str, is_val: bool) -> None:
+        for key in list(node.keys()):
+            name = f"{path}.{key}"
+            value = node[key]
+            if isinstance(value, DictConfig):
+                follow(value, name, is_val)
+                continue
+            if name in explicit or not isinstance(value, str):
+                continue
+            root = str(old_root)
+            if value != root and not value.startswith(root.rstrip("/") + "/"):
+                continue
+            rest = value[len(root) :]
+            if moved_split and is_val:
+                parts = rest.split("/")
+                rest = "/".join(str(new_split) if p == str(old_split) else p for p in parts)
+            node[key] = (str(new_root) if moved_root else root) + rest
+
+    if not (moved_root or moved_split):
+        return
+    for split_node in ("train", "val"):
+        node = dataset.get(split_node)
+        if isinstance(node, DictConfig):
+            follow(node, f"dataset.{split_node}", split_node == "val")
+
+
 def build_eval_config(
     stored: Mapping[str, Any],
     overrides: Mapping[str, Any],
-    eval_preset: DictConfig | None = None,
+    eval_preset: Mapping[str, Any] | DictConfig | None = None,
 ) -> DictConfig:
     """The config to evaluate with: the checkpoint's config, an optional ``eval`` preset,
     then the user's dotted ``overrides``; resolved, and read-only in structure.
@@ -123,6 +155,7 @@ def build_eval_config(
         # The preset's ${dataset.*} interpolations resolve against the stored dataset.
         cfg.eval = eval_preset
     OmegaConf.set_struct(cfg, True)
+    old_root, old_split = _select(cfg, "dataset.root"), _select(cfg, "dataset.split")
     for key, value in overrides.items():
         old = _select(cfg, key)
         try:
@@ -135,6 +168,8 @@ def build_eval_config(
         for linked in LINKED_KEYS.get(key, ()):
             if linked not in overrides and _select(cfg, linked) == old and old is not None:
                 OmegaConf.update(cfg, linked, value, merge=False)
+    if isinstance(cfg.get("dataset"), DictConfig):
+        relocate_paths(cfg.dataset, old_root, old_split, list(overrides))
     try:
         OmegaConf.resolve(cfg)
     except OmegaConfBaseException as error:
@@ -267,8 +302,13 @@ def write_reports(
 
 
 # ------------------------------------------------------------------------------- the run
-def run_eval(tool_cfg: DictConfig, overrides: Mapping[str, Any]) -> dict[str, Any]:
+def run_eval(
+    tool_cfg: DictConfig, overrides: Mapping[str, Any], preset: str | None = None
+) -> dict[str, Any]:
     """Evaluate ``tool_cfg.ckpt``; returns the metrics (on every rank under DDP).
+
+    ``overrides``: dotted keys of the stored config (:func:`user_overrides`); ``preset``:
+    the name of the ``eval=`` preset, whose settings are ``tool_cfg.eval``.
 
     Rank 0 prints the table and writes ``metrics.json`` / ``metrics.md`` to ``tool_cfg.out``
     (default: the checkpoint's folder); with ``save_pred`` every rank writes the
@@ -282,8 +322,10 @@ def run_eval(tool_cfg: DictConfig, overrides: Mapping[str, Any]) -> dict[str, An
     if save_pred is not None and save_pred not in SAVE_PRED_KINDS:
         raise ConfigError(f"save_pred must be one of {list(SAVE_PRED_KINDS)}, got {save_pred!r}")
     checkpoint = load_checkpoint(ckpt_path, map_location="cpu")
-    preset = tool_cfg.get("eval")
-    cfg = build_eval_config(checkpoint["config"], overrides, preset)
+    preset_node = None
+    if preset is not None:
+        preset_node = OmegaConf.to_container(tool_cfg.eval, resolve=False)
+    cfg = build_eval_config(checkpoint["config"], overrides, preset_node)
     out_dir = Path(str(tool_cfg.out)) if tool_cfg.get("out") else ckpt_path.parent
 
     started_dist = not dist.is_distributed() and dist.init_distributed()
@@ -339,6 +381,8 @@ def run_eval(tool_cfg: DictConfig, overrides: Mapping[str, Any]) -> dict[str, An
                 "amp": evaluator.amp,
                 "world_size": dist.get_world_size(),
             }
+            if _select(cfg, "dataset.val.image_dir"):  # folder datasets: where it looked
+                info["image_dir"] = _select(cfg, "dataset.val.image_dir")
             print(format_metrics_table(metrics, class_names))
             json_path, md_path = write_reports(out_dir, metrics, class_names, info)
             print(f"wrote {json_path} and {md_path}")
@@ -351,16 +395,15 @@ def run_eval(tool_cfg: DictConfig, overrides: Mapping[str, Any]) -> dict[str, An
             dist.cleanup()
 
 
-def main(argv: Sequence[str]) -> int:
-    """Entry point of ``tools/eval.py``; returns the exit status (2 on a user error)."""
-    if any(a in ("-h", "--help") for a in argv):
-        print(__doc__)
-        return 0
-    try:
-        tool_overrides, overrides = parse_args(argv)
-        tool_cfg = compose_tool_config(tool_overrides)
-        run_eval(tool_cfg, overrides)
-    except (SegError, OSError) as error:  # OSError: an unwritable output path, named in it
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+def evaluate(tool_cfg: DictConfig) -> int:
+    """``tools/eval.py``'s work: the config composed from ``configs/eval.yaml``."""
+    from hydra.core.hydra_config import HydraConfig
+
+    preset = HydraConfig.get().runtime.choices.get("eval") if HydraConfig.initialized() else None
+    run_eval(tool_cfg, user_overrides(tool_cfg, preset), preset)
     return 0
+
+
+def main(argv: Sequence[str]) -> int:
+    """``tools/eval.py ARGS`` in this process (tests, notebooks); returns its exit status."""
+    return run_in_process("eval", argv, evaluate)

@@ -1,7 +1,31 @@
-"""Clean stops: SIGINT/SIGTERM ask the loop to stop after the current step and save.
+"""Clean stops: a signal asks the loop to stop after the current step and save ``last.pt``.
 
-Under DDP the ranks agree on stopping at log intervals only (one all-reduce there), so
-every rank stops after the same iteration without a collective per step.
+=========  ===========================================  ==================================
+signal     who sends it                                 what the run does, exit status
+=========  ===========================================  ==================================
+SIGINT     Ctrl-C                                       save, stop; 130
+SIGTERM    ``kill``, schedulers, torchrun's agent       save, stop; 143
+SIGUSR1    SLURM ``--signal=USR1@<seconds>`` before     save, stop, hand over (below); 138
+           the time limit, or at preemption
+SIGUSR2    submitit's default for the same purpose      save, stop, hand over; 140
+           (``SUBMITIT_PREEMPT_SIGNAL``)
+=========  ===========================================  ==================================
+
+The exit status is the shell's 128 + signal number (:func:`exit_status`), so a scheduler
+or script can tell an interrupted run from a finished one (0).
+
+Hand-over (:func:`hand_over`): after ``last.pt`` is written, a USR signal is passed on to
+the handler that was installed before training started, if it is a Python one. Inside a
+job of Hydra's submitit launcher that is submitit's: it asks the launcher for a
+checkpoint (the same job, same overrides, same job folder), requeues the job (SLURM:
+``scontrol requeue``; the local executor restarts it) and exits. The requeued job runs
+with ``resume=auto`` and continues its own folder's ``last.pt``. Inside a submitit job
+SIGTERM is left to submitit, which ignores it by design: clusters send SIGTERM before
+the USR signal at preemption, and the USR signal is the one that saves and requeues.
+
+Under DDP the ranks agree on stopping at log intervals only (one all-reduce of the
+signal number there), so every rank stops after the same iteration, with the same
+reason, without a collective per step.
 """
 
 from __future__ import annotations
@@ -17,7 +41,36 @@ import torch.distributed
 from seg import dist
 
 #: The signals that stop a run cleanly.
-STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
+#: The signals that ask for a save before a requeue (passed on by :func:`hand_over`).
+REQUEUE_SIGNALS = (signal.SIGUSR1, signal.SIGUSR2)
+
+
+def exit_status(reason: str | None) -> int:
+    """The process exit status for a run stopped by signal ``reason`` (0: not stopped)."""
+    if reason is None:
+        return 0
+    return 128 + int(signal.Signals[reason])
+
+
+def is_submitit_handler(handler: Any) -> bool:
+    """True for a signal handler installed by submitit in its job process."""
+    return callable(handler) and str(getattr(handler, "__module__", "")).startswith("submitit")
+
+
+def hand_over(reason: str | None) -> None:
+    """Pass a requeue signal on to the handler installed before training (call it after
+    ``last.pt`` is saved). Submitit's requeues the job and exits; without a Python
+    handler (a plain process) this does nothing and the caller exits with
+    :func:`exit_status`."""
+    if reason is None:
+        return
+    signum = signal.Signals[reason]
+    if signum not in REQUEUE_SIGNALS:
+        return
+    handler = signal.getsignal(signum)
+    if callable(handler) and handler is not signal.default_int_handler:
+        handler(int(signum), None)
 
 
 class StopSignals:
@@ -25,7 +78,8 @@ class StopSignals:
 
     The first signal sets :attr:`reason` (its name) and restores the default action, so a
     second one aborts at once. Inside a thread other than the main one signals cannot be
-    caught; the context then does nothing.
+    caught; the context then does nothing. On exit the handlers found on entry are put
+    back (submitit's among them, for :func:`hand_over`).
     """
 
     def __init__(self) -> None:
@@ -36,6 +90,9 @@ class StopSignals:
     def __enter__(self) -> StopSignals:
         try:
             for signum in STOP_SIGNALS:
+                current = signal.getsignal(signum)
+                if signum == signal.SIGTERM and is_submitit_handler(current):
+                    continue  # submitit ignores SIGTERM on purpose (module docstring)
                 self._previous[signum] = signal.signal(signum, self._on_signal)
         except ValueError:  # not the main thread: leave signals alone
             self._restore()
@@ -55,17 +112,19 @@ class StopSignals:
 
     def agreed(self, check_now: bool, device: torch.device) -> bool:
         """Whether to stop now. Under DDP the ranks agree only when ``check_now`` (one
-        all-reduce; a rank stopped by a peer gets reason ``"peer"``)."""
+        all-reduce of the signal number; a rank stopped by a peer takes the peer's signal
+        as its reason)."""
         if not dist.is_distributed():
             return self.reason is not None
         if not check_now:
             return False
-        flag = torch.tensor(float(self.reason is not None), device=device)
+        number = int(signal.Signals[self.reason]) if self.reason is not None else 0
+        flag = torch.tensor(float(number), device=device)
         torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
-        stop = bool(flag.item() > 0)  # the sync: only at log intervals
-        if stop:
-            self.request("peer")
-        return stop
+        received = int(flag.item())  # the sync: only at log intervals
+        if received > 0:
+            self.request(signal.Signals(received).name)
+        return received > 0
 
     def _on_signal(self, signum: int, frame: FrameType | None) -> None:
         del frame
@@ -81,7 +140,7 @@ class StopSignals:
             tqdm.write(f"{name}: stopping after this iteration and saving last.pt (again to abort)")
         self.request(name)
         signal.signal(
-            signum, signal.SIG_DFL if signum == signal.SIGTERM else signal.default_int_handler
+            signum, signal.default_int_handler if signum == signal.SIGINT else signal.SIG_DFL
         )
 
     def _restore(self) -> None:

@@ -6,12 +6,16 @@ the :class:`TrainState` (iteration, metrics, best mIoU, skip
 counts), the global RNG states and the resolved config. Only tensors and plain containers
 go in, so that ``torch.load(weights_only=True)`` reads it back (``seg.engine.checkpoint``).
 
-Resuming (``resume=...``):
+Resuming (``resume=...``, :func:`resolve_resume`):
 
-- ``resume=PATH``: continue from that checkpoint;
-- ``resume=auto``: continue from the newest ``checkpoints/last.pt`` (by modification time)
-  among the sibling run folders, i.e. ``outputs/<experiment_name>/*/checkpoints/last.pt``;
-  with none there, training starts afresh.
+- ``resume=PATH``: continue from that checkpoint, whatever its config (this is how a
+  finished run is extended: ``resume=PATH trainer.max_iters=N``; the schedule follows the
+  new length, so the result differs from a run trained to N from the start);
+- ``resume=auto``: continue the newest ``checkpoints/last.pt`` of a run of this
+  experiment (``outputs/<experiment_name>/*/``) whose stored config equals this one,
+  ignoring only :data:`RESULT_NEUTRAL_KEYS`; ``trainer.max_iters`` must match too. With
+  none, training starts afresh and one line in ``train.log`` says why. Inside a multirun
+  a job looks in its own job folder only.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from seg.engine.checkpoint import load_checkpoint
 from seg.engine.step import TrainStep
 from seg.errors import CheckpointError, ConfigError, first_line
 
@@ -42,7 +47,8 @@ class TrainState:
         best_miou, best_iteration: the best val mIoU so far and where (``-inf``/-1: none).
         nonfinite_steps, nonfinite_streak: skipped steps in total and the current run of
             consecutive ones, as of the last checkpoint (the loop keeps the live counts).
-        stopped_by: ``"SIGINT"``/``"SIGTERM"``/``"peer"`` when a run was interrupted.
+        stopped_by: the name of the signal that stopped the run (``"SIGINT"``,
+            ``"SIGTERM"``, ``"SIGUSR1"``, ``"SIGUSR2"``; ``seg.engine.signals``), or None.
     """
 
     iteration: int = 0
@@ -108,6 +114,11 @@ def restore(
     scaler_state = checkpoint.get("scaler") or {}
     if step.scaler.is_enabled() and scaler_state:
         step.scaler.load_state_dict(scaler_state)
+    return progress_of(checkpoint)
+
+
+def progress_of(checkpoint: Mapping[str, Any]) -> TrainState:
+    """The :class:`TrainState` stored in a checkpoint (no states are loaded)."""
     metrics = checkpoint.get("metrics") or {}
     best = metrics.get("best_mIoU")
     return TrainState(
@@ -169,19 +180,154 @@ def restore_rng_state(state: Mapping[str, Any]) -> None:
 
 
 # -------------------------------------------------------------------------------- resume
-def find_auto_resume(run_dir: Path) -> Path | None:
-    """Newest ``*/checkpoints/last.pt`` among ``run_dir``'s siblings (``outputs/<experiment>/*``)."""
+#: Settings that cannot change what a run computes (its weights, evaluations and
+#: checkpoints' content): ``resume=auto`` ignores them when it compares configs. Log and
+#: checkpoint intervals, TensorBoard images and the finite-loss check frequency only
+#: decide when things are written or read; the data order and augmentation depend on
+#: the seed and the sample's position, not on the number of loader workers
+#: (tests/test_resume.py). Everything else, ``trainer.max_iters`` included, must match.
+RESULT_NEUTRAL_KEYS: tuple[str, ...] = (
+    "resume",
+    "trainer.log_interval",
+    "trainer.ckpt_interval",
+    "trainer.num_vis_images",
+    "trainer.check_finite_every_step",
+    "loader.num_workers",
+)
+
+
+def flatten(config: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"a": {"b": 1}}`` -> ``{"a.b": 1}`` (lists are values; an empty mapping is one)."""
+    out: dict[str, Any] = {}
+    for key, value in config.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping) and value:
+            out.update(flatten(value, f"{name}."))
+        else:
+            out[name] = value
+    return out
+
+
+def _ignored(key: str, ignore: tuple[str, ...]) -> bool:
+    return any(key == k or key.startswith(f"{k}.") for k in ignore)
+
+
+def config_differences(
+    stored: Mapping[str, Any],
+    current: Mapping[str, Any],
+    ignore: tuple[str, ...] = RESULT_NEUTRAL_KEYS,
+) -> list[str]:
+    """The dotted keys whose values differ between two resolved configs (or that one of
+    them lacks), sorted, leaving out ``ignore`` and the keys below them."""
+    a, b = flatten(stored), flatten(current)
+    keys = sorted(set(a) | set(b))
+    missing = object()
+    return [
+        k
+        for k in keys
+        if not _ignored(k, ignore) and plain(a.get(k, missing)) != plain(b.get(k, missing))
+    ]
+
+
+def describe_differences(
+    stored: Mapping[str, Any], current: Mapping[str, Any], keys: list[str], limit: int = 3
+) -> str:
+    """``"seed: 0 there, 1 here; ..."`` for the first ``limit`` of ``keys``."""
+    a, b = flatten(stored), flatten(current)
+    parts = [
+        f"{k}: {a.get(k, '(absent)')} there, {b.get(k, '(absent)')} here" for k in keys[:limit]
+    ]
+    more = f" (and {len(keys) - limit} more)" if len(keys) > limit else ""
+    return "; ".join(parts) + more
+
+
+@dataclass(frozen=True)
+class ResumeChoice:
+    """What ``resume=`` resolved to: a checkpoint (or None: start afresh) and why, in
+    one line for ``train.log``."""
+
+    path: Path | None
+    reason: str
+
+
+def _stored_config(path: Path) -> dict[str, Any]:
+    checkpoint = load_checkpoint(path, map_location="cpu", required_keys=("config",))
+    config = checkpoint.get("config")
+    return dict(config) if isinstance(config, Mapping) else {}
+
+
+def find_auto_resume(
+    run_dir: Path, config: Mapping[str, Any], own_folder_only: bool = False
+) -> ResumeChoice:
+    """``resume=auto``: the ``last.pt`` of a run of this experiment with this config.
+
+    Candidates are ``run_dir``'s own ``checkpoints/last.pt`` and, unless
+    ``own_folder_only`` (a multirun job: its own folder only), those of its siblings
+    (``outputs/<experiment_name>/*/``), newest first. The first whose stored config
+    equals ``config`` (:func:`config_differences`, ignoring :data:`RESULT_NEUTRAL_KEYS`)
+    is chosen; with none, training starts afresh and the reason names the newest
+    candidate's first differences.
+
+    Raises:
+        ConfigError: in ``own_folder_only`` mode, the folder holds a run with another
+            config (starting afresh there would overwrite it).
+    """
+    own = run_dir / "checkpoints" / "last.pt"
+    if own_folder_only:
+        if not own.is_file():
+            return ResumeChoice(None, f"resume=auto: no checkpoints/last.pt in {run_dir} yet")
+        differences = config_differences(_stored_config(own), config)
+        if differences:
+            raise ConfigError(
+                f"resume=auto: {own} holds a run with another config "
+                f"({describe_differences(_stored_config(own), config, differences)}); it is "
+                "not overwritten: use another hydra.sweep.dir or remove that folder"
+            )
+        return ResumeChoice(own, f"resume=auto: continuing this job's run {own}")
     candidates = [p for p in run_dir.parent.glob("*/checkpoints/last.pt") if p.is_file()]
-    return max(candidates, key=lambda p: p.stat().st_mtime) if candidates else None
+    candidates.sort(key=lambda p: p.stat().st_mtime, reverse=True)
+    if not candidates:
+        return ResumeChoice(
+            None, f"resume=auto: no checkpoints/last.pt under {run_dir.parent}/*, starting afresh"
+        )
+    newest_differences = ""
+    for path in candidates:
+        try:
+            stored = _stored_config(path)
+        except CheckpointError as error:  # a broken old run must not block the others
+            newest_differences = newest_differences or f"{path}: unreadable ({error})"
+            continue
+        differences = config_differences(stored, config)
+        if not differences:
+            return ResumeChoice(path, f"resume=auto: continuing {path} (same config)")
+        if not newest_differences:
+            newest_differences = f"{path}: {describe_differences(stored, config, differences)}"
+    return ResumeChoice(
+        None,
+        f"resume=auto: none of the {len(candidates)} run(s) under {run_dir.parent} has this "
+        f"config, starting afresh (newest, {newest_differences})",
+    )
 
 
-def resolve_resume(resume: Any, run_dir: Path) -> Path | None:
-    """The checkpoint to resume from: None, ``auto`` or a path (which must exist)."""
+def resolve_resume(
+    resume: Any, run_dir: Path, config: Mapping[str, Any], own_folder_only: bool = False
+) -> ResumeChoice:
+    """The checkpoint to resume from: ``None``, ``auto`` (:func:`find_auto_resume`) or a
+    path, which must exist and is continued whatever its config (the reason then lists
+    the differences, e.g. a raised ``trainer.max_iters`` that extends the run)."""
     if resume is None or resume is False or str(resume) == "":
-        return None
+        return ResumeChoice(None, "")
     if str(resume) == "auto":
-        return find_auto_resume(run_dir)
+        return find_auto_resume(run_dir, config, own_folder_only)
     path = Path(str(resume))
     if not path.is_file():
         raise ConfigError(f"resume={resume}: no such checkpoint file")
-    return path
+    stored = _stored_config(path)
+    differences = config_differences(stored, config)
+    if differences:
+        return ResumeChoice(
+            path,
+            f"resume={path}: continuing it although its config differs "
+            f"({describe_differences(stored, config, differences)})",
+        )
+    return ResumeChoice(path, f"resume={path}: continuing it (same config)")

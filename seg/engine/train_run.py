@@ -15,8 +15,10 @@ TensorBoard curves and ``train.log`` continue); the new timestamped folder only 
 
 from __future__ import annotations
 
+import json
 import logging
 import math
+import os
 import shutil
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -25,9 +27,12 @@ from typing import Any
 
 import torch
 import torch.distributed
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
 from seg import dist
+from seg.cli import in_multirun
+from seg.engine import signals
 from seg.engine.build import (
     TrainParts,
     build_datasets,
@@ -38,8 +43,15 @@ from seg.engine.build import (
 from seg.engine.checkpoint import CHECKPOINT_KEYS, load_checkpoint
 from seg.engine.logging import RunLog, run_logging
 from seg.engine.loop import fit
-from seg.engine.state import TrainState, resolve_resume, restore, seed_everything
-from seg.errors import ConfigError
+from seg.engine.state import (
+    RESULT_NEUTRAL_KEYS,
+    TrainState,
+    progress_of,
+    resolve_resume,
+    restore,
+    seed_everything,
+)
+from seg.errors import ConfigError, SegError, first_line
 
 logger = logging.getLogger("seg.train")
 
@@ -52,14 +64,16 @@ class TrainResult:
     iteration: int
     metrics: dict[str, Any] = field(default_factory=dict)
     best_miou: float = -math.inf
-    stopped_by: str | None = None  # "SIGINT"/"SIGTERM"/"peer" when interrupted
+    stopped_by: str | None = None  # the stopping signal's name (seg.engine.signals)
 
 
 def run(cfg: DictConfig, run_dir: Path | None = None) -> TrainResult:
     """Train as ``cfg`` says. ``run_dir`` defaults to Hydra's output folder.
 
-    Joins the torchrun process group when launched by torchrun (and leaves it at the end).
+    Joins the torchrun process group when launched by torchrun, or by a submitit job with
+    several tasks (and leaves it at the end).
     """
+    export_submitit_dist_env()
     joined = not dist.is_distributed() and dist.init_distributed()
     try:
         return _run(cfg, run_dir)
@@ -73,25 +87,37 @@ def _run(cfg: DictConfig, run_dir: Path | None) -> TrainResult:
     main_dir = Path(_broadcast(str(own_dir)))
     if dist.get_rank() > 0:
         _drop_stray_rank_dir(own_dir, main_dir)
-    resume_path = resolve_resume(cfg.get("resume"), main_dir)
+    settings = parse_settings(cfg)
+    config = resolved_config(cfg)
+    # Rank 0 decides where to resume from (it is the one that wrote the checkpoints).
+    decision = _broadcast(_decide_start(cfg, main_dir, config) if dist.is_main() else None)
+    if decision["error"]:
+        raise ConfigError(decision["error"])
+    resume_path = Path(decision["path"]) if decision["path"] else None
     checkpoint = None
     if resume_path is not None:
         checkpoint = load_checkpoint(resume_path, map_location="cpu", required_keys=CHECKPOINT_KEYS)
         if resume_path.parent.name == "checkpoints":
             main_dir = resume_path.parent.parent
-    settings = parse_settings(cfg)
     datasets = build_datasets(cfg)
     with run_logging(main_dir / "train.log", dist.is_main()):
-        if resume_path is not None:
+        if decision["reason"]:
+            logger.info("%s", decision["reason"])
+        if checkpoint is not None:
             logger.info("resuming from %s (iteration %d)", resume_path, checkpoint["iteration"])
             if main_dir != own_dir:
                 logger.info(
                     "writing into %s; this command's config is in %s/.hydra", main_dir, own_dir
                 )
-        elif str(cfg.get("resume")) == "auto":
-            logger.info(
-                "resume=auto: no checkpoints/last.pt under %s/*, starting afresh", main_dir.parent
-            )
+            if int(checkpoint["iteration"]) >= settings.max_iters:
+                state = progress_of(checkpoint)
+                logger.info(
+                    "finished earlier: %s is at iteration %d of %d, nothing to train",
+                    resume_path,
+                    state.iteration,
+                    settings.max_iters,
+                )
+                return TrainResult(main_dir, state.iteration, state.metrics, state.best_miou)
         amp = settings.amp
         logger.info(
             "run dir %s | device %s | %s%s | %d process(es) x %d images | %d iterations",
@@ -128,6 +154,115 @@ def _run(cfg: DictConfig, run_dir: Path | None) -> TrainResult:
                 main_dir / "checkpoints",
             )
     return TrainResult(main_dir, state.iteration, state.metrics, state.best_miou, state.stopped_by)
+
+
+def run_tool(cfg: DictConfig) -> int:
+    """``tools/train.py``: train, then exit 0, or 128 + N when signal N stopped the run
+    (``last.pt`` saved; a requeue signal is first handed over to submitit, which requeues
+    the job: ``seg.engine.signals``)."""
+    result = run(cfg)
+    signals.hand_over(result.stopped_by)
+    return signals.exit_status(result.stopped_by)
+
+
+def export_submitit_dist_env() -> None:
+    """Inside a submitit job of several tasks (``hydra.launcher.tasks_per_node=N`` or
+    ``nodes``), export what torchrun would (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``,
+    ``MASTER_ADDR``, ``MASTER_PORT``), so that each task joins the DDP group as a rank."""
+    if "SUBMITIT_FOLDER" not in os.environ or "RANK" in os.environ:
+        return
+    try:
+        import submitit
+    except ImportError:
+        return
+    if submitit.JobEnvironment().num_tasks > 1:
+        # Keep every GPU visible: seg.dist pins each rank to the GPU LOCAL_RANK.
+        submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
+
+
+def resolved_config(cfg: DictConfig) -> dict[str, Any]:
+    """``cfg`` resolved to plain containers, as checkpoints store it."""
+    try:
+        config = OmegaConf.to_container(cfg, resolve=True)
+    except OmegaConfBaseException as error:
+        raise ConfigError(f"cannot resolve the config: {first_line(error)}") from None
+    assert isinstance(config, dict)
+    return config
+
+
+def _decide_start(cfg: DictConfig, run_dir: Path, config: dict[str, Any]) -> dict[str, Any]:
+    """Rank 0's choice of start: ``{"path": checkpoint or None, "reason": log line,
+    "error": message or ""}`` (a dict of plain values, to broadcast).
+
+    Inside a multirun the job claims its folder first (:func:`claim_job_folder`) and
+    ``resume=auto`` looks in that folder only. A fresh start never overwrites a folder
+    that already holds ``checkpoints/last.pt``.
+    """
+    try:
+        multirun = in_multirun()
+        if multirun:
+            claim_job_folder(run_dir, job_overrides())
+        choice = resolve_resume(cfg.get("resume"), run_dir, config, own_folder_only=multirun)
+        last = run_dir / "checkpoints" / "last.pt"
+        if choice.path is None and last.is_file():
+            raise ConfigError(
+                f"{run_dir} already holds a run (checkpoints/last.pt): continue it with "
+                f"resume=auto (same config) or resume={last}, or choose another "
+                + ("hydra.sweep.dir" if multirun else "hydra.run.dir")
+            )
+    except SegError as error:
+        return {"path": None, "reason": "", "error": str(error)}
+    return {"path": str(choice.path) if choice.path else None, "reason": choice.reason, "error": ""}
+
+
+#: The file with which a multirun job claims its folder (``hydra.sweep.subdir``).
+JOB_CLAIM = ".seg-job.json"
+
+
+def claim_job_folder(run_dir: Path, overrides: list[str]) -> None:
+    """Claim a multirun job folder for the job with these ``overrides``.
+
+    ``hydra.sweep.subdir`` (``<loss>-seed<seed>`` in configs/train.yaml) names job folders
+    after some overrides only: a sweep over another key would give two jobs one folder,
+    and parallel launchers would train both into it. The first job to arrive writes its
+    overrides into :data:`JOB_CLAIM`; the same job again (a requeue, a rerun of the sweep,
+    with or without overrides of ``RESULT_NEUTRAL_KEYS`` such as ``resume=auto``) finds
+    its own claim; any other job stops with a ConfigError.
+    """
+    run_dir.mkdir(parents=True, exist_ok=True)
+    claim = run_dir / JOB_CLAIM
+    text = json.dumps({"overrides": overrides}, indent=1) + "\n"
+    temporary = run_dir / f"{JOB_CLAIM}.{os.getpid()}.tmp"
+    temporary.write_text(text)
+    try:
+        os.link(temporary, claim)  # atomic, and fails when a claim exists
+    except FileExistsError:
+        owner = [o for o in json.loads(claim.read_text()).get("overrides", []) if not _neutral(o)]
+        if owner != overrides:
+            theirs = [o for o in owner if o not in overrides] or ["(none)"]
+            ours = [o for o in overrides if o not in owner] or ["(none)"]
+            raise ConfigError(
+                f"job folder {run_dir} belongs to another job (its overrides {' '.join(theirs)}; "
+                f"this job's {' '.join(ours)}), and a job never trains into another's folder: "
+                "use another hydra.sweep.dir, or, when two jobs of one sweep meet there, add "
+                "the swept key to hydra.sweep.subdir (e.g. '${loss.name}-seed${seed}-lr${optim.lr}')"
+            ) from None
+    finally:
+        temporary.unlink(missing_ok=True)
+
+
+def job_overrides() -> list[str]:
+    """This Hydra job's command-line overrides (its sweep values included), without those
+    of settings that cannot change the result (``resume=auto`` added on a rerun, say)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    return [str(o) for o in HydraConfig.get().overrides.task if not _neutral(str(o))]
+
+
+def _neutral(override: str) -> bool:
+    """True for an override of a setting that cannot change the result."""
+    key = override.split("=", 1)[0].lstrip("+~")
+    return any(key == k or key.startswith(f"{k}.") for k in RESULT_NEUTRAL_KEYS)
 
 
 def train(

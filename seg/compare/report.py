@@ -1,0 +1,205 @@
+"""The comparison report: markdown, JSON and plots, written into the sweep folder.
+
+``write_report(sweep_dir)`` reads every run of a sweep folder (``seg.compare.runs``:
+complete, one budget), computes the statistics (``seg.compare.stats``) and writes
+``report.md``, ``report.json``, ``miou_curves.png`` and ``class_iou.png`` beside the job
+folders. It works on any sweep folder of ``tools/train.py -m ... loss=... seed=...``,
+e.g. one made on a cluster: ``python tools/compare.py sweep_dir=PATH``.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+from collections.abc import Sequence
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from seg.compare.runs import RunResult, class_pixel_counts, read_sweep, recorded_sweep_command
+from seg.compare.stats import LossSummary, rare_classes, summarize, verdicts
+from seg.fileio import write_bytes_atomic, write_text_atomic
+from seg.tables import markdown_table
+
+REPORT_FILES = ("report.md", "report.json", "miou_curves.png", "class_iou.png")
+
+
+def _pct(value: float) -> str:
+    return "n/a" if math.isnan(value) else f"{100.0 * value:.2f}"
+
+
+def format_report(
+    summaries: Sequence[LossSummary],
+    results: Sequence[RunResult],
+    class_names: Sequence[str],
+    rare: Sequence[int],
+    command: str,
+    setup: dict[str, Any],
+) -> str:
+    """The markdown report (figures in percent)."""
+    lines = ["# Loss comparison", "", f"Command: `{command}`", ""]
+    lines += [f"- {key}: {value}" for key, value in setup.items()]
+    lines += ["", "## mIoU over seeds (val, final iteration)", ""]
+    rows = [
+        [
+            s.loss,
+            f"{_pct(s.miou_mean)} +- {_pct(s.miou_std)}",
+            ", ".join(f"{_pct(v)} (seed {seed})" for v, seed in zip(s.miou, s.seeds, strict=True)),
+            f"{_pct(s.rare_miou_mean)} +- {_pct(s.rare_miou_std)}",
+            f"{1000.0 * s.seconds_per_iter:.0f}",
+        ]
+        for s in summaries
+    ]
+    lines.append(
+        markdown_table(
+            ["loss", "mIoU mean +- std", "each run", "rare-class mIoU", "ms / iteration"], rows
+        )
+    )
+    lines += ["", "Differences (mean mIoU):", ""]
+    lines += [f"- {v}" for v in verdicts(summaries)]
+    rare_names = ", ".join(class_names[k] for k in rare)
+    lines += ["", f"Rare classes (least frequent third by training pixel count): {rare_names}.", ""]
+    lines += ["## Per-class IoU (mean over seeds)", ""]
+    header = ["class", *[s.loss for s in summaries]]
+    class_rows = [
+        [f"{name}{' (rare)' if k in rare else ''}", *[_pct(s.class_iou_mean[k]) for s in summaries]]
+        for k, name in enumerate(class_names)
+    ]
+    lines.append(markdown_table(header, class_rows))
+    lines += ["", "## Plots", "", "![val mIoU against iteration](miou_curves.png)", ""]
+    lines += ["![per-class IoU](class_iou.png)", ""]
+    lines += ["## Runs", ""]
+    lines.append(
+        markdown_table(
+            ["run", "iterations", "mIoU", "folder"],
+            [[f"{r.loss} seed {r.seed}", r.iteration, _pct(r.miou), r.run_dir] for r in results],
+        )
+    )
+    return "\n".join(lines) + "\n"
+
+
+def plot_curves(results: Sequence[RunResult], losses: Sequence[str], path: Path) -> None:
+    """Val mIoU against iteration: one colour per loss, one line per seed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for i, loss in enumerate(losses):
+        for j, r in enumerate(x for x in results if x.loss == loss):
+            if r.curve:
+                steps, values = zip(*r.curve, strict=True)
+                ax.plot(
+                    steps,
+                    [100.0 * v for v in values],
+                    color=colours[i % len(colours)],
+                    marker="o",
+                    markersize=3,
+                    alpha=0.85,
+                    label=loss if j == 0 else None,
+                )
+    ax.set_xlabel("iteration")
+    ax.set_ylabel("val mIoU (%)")
+    ax.set_title("val mIoU against iteration (one line per seed)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    _save_figure(fig, path)
+
+
+def _save_figure(fig: Any, path: Path) -> None:
+    """Write a matplotlib figure as PNG atomically, then free it."""
+    import matplotlib.pyplot as plt
+
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=110)
+    plt.close(fig)
+    write_bytes_atomic(path, buffer.getvalue())
+
+
+def plot_class_iou(
+    summaries: Sequence[LossSummary], class_names: Sequence[str], path: Path
+) -> None:
+    """Per-class IoU bars (mean over seeds), grouped by class."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(11, 4.5))
+    width = 0.8 / max(len(summaries), 1)
+    positions = np.arange(len(class_names))
+    for i, s in enumerate(summaries):
+        values = [0.0 if math.isnan(v) else 100.0 * v for v in s.class_iou_mean]
+        ax.bar(positions + (i - (len(summaries) - 1) / 2) * width, values, width, label=s.loss)
+    ax.set_xticks(positions, list(class_names), rotation=45, ha="right")
+    ax.set_ylabel("IoU (%)")
+    ax.set_title("per-class IoU, mean over seeds")
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    _save_figure(fig, path)
+
+
+def describe_setup(
+    config: dict[str, Any], seeds: Sequence[int], machine: str, sweep: str | None
+) -> dict[str, Any]:
+    """The shared settings of the runs (their one budget), from a run's stored config."""
+    dataset, trainer, loader = config["dataset"], config["trainer"], config["loader"]
+    return {
+        "sweep": f"`{sweep}`" if sweep else "(no multirun.yaml)",
+        "experiment": config.get("experiment_name"),
+        "dataset": f"{dataset.get('name')} at {dataset.get('root')}",
+        "budget": f"{trainer['max_iters']} iterations, batch {loader['batch_size']}, "
+        f"crop {list(dataset.get('crop_size') or [])}",
+        "evaluation": f"every {trainer.get('eval_interval')} iterations on the "
+        f"{dataset.get('split')} split",
+        "seeds": list(seeds),
+        "machine": machine,
+    }
+
+
+def write_report(
+    sweep_dir: Path,
+    losses: Sequence[str] | None = None,
+    seeds: Sequence[int] | None = None,
+    command: str | None = None,
+    machine: str = "not recorded",
+) -> Path:
+    """Read the runs of ``sweep_dir`` and write the report files there; returns report.md.
+
+    ``losses`` / ``seeds``: the grid the sweep must hold (every pair once); ``None``: the
+    grid found. ``command``: the command shown at the top (default: the sweep's, rebuilt
+    from its ``multirun.yaml``).
+
+    Raises:
+        SegError: a run is short of its budget or missing, the runs differ in more than
+            loss and seed, or one has no evaluation (``seg.compare.runs``).
+    """
+    sweep = read_sweep(sweep_dir, losses, seeds)
+    results = sweep.results
+    rare = rare_classes(class_pixel_counts(sweep.config))
+    summaries = summarize(results, sweep.losses, rare)
+    class_names = [str(n) for n in sweep.config["dataset"]["class_names"]]
+    sweep_line = recorded_sweep_command(sweep_dir)
+    command = command or sweep_line or "(not recorded)"
+    setup = describe_setup(sweep.config, sweep.seeds, machine, sweep_line)
+    plot_curves(results, sweep.losses, sweep_dir / "miou_curves.png")
+    plot_class_iou(summaries, class_names, sweep_dir / "class_iou.png")
+    report = sweep_dir / "report.md"
+    write_text_atomic(report, format_report(summaries, results, class_names, rare, command, setup))
+    payload = {
+        "command": command,
+        "setup": setup,
+        "rare_classes": [class_names[k] for k in rare],
+        "summaries": [asdict(s) for s in summaries],
+        "runs": [asdict(r) for r in results],
+        "verdicts": verdicts(summaries),
+    }
+    write_text_atomic(sweep_dir / "report.json", json.dumps(payload, indent=2, allow_nan=True))
+    return report
