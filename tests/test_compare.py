@@ -1,23 +1,24 @@
-"""The loss comparison: planning, statistics, verdicts, and a tiny end-to-end run."""
+"""The loss comparison: the sweep's plan, statistics, verdicts, the report's refusals, and
+tiny end-to-end runs (joblib launcher through tools/compare.py; submitit_local through
+tools/train.py -m, with a preempted job requeued, then the report step alone)."""
 
 from __future__ import annotations
 
 import json
 import math
+import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 
-from seg.compare import (
-    RunResult,
-    plan_runs,
-    rare_classes,
-    summarize,
-    train_overrides,
-    verdicts,
-)
+from seg.compare.runs import RunResult
+from seg.compare.stats import rare_classes, summarize, verdicts
+from seg.compare.sweep import launcher_overrides, main, plan_sweep, train_overrides
+from seg.engine.checkpoint import save_checkpoint
 from seg.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -29,14 +30,18 @@ def result(loss: str, seed: int, miou: float, class_iou: list[float]) -> RunResu
     )
 
 
-def test_plan_interleaves_losses_and_names_run_dirs(tmp_path: Path) -> None:
-    specs = plan_runs(["ohem", "ce"], [0, 1], tmp_path)
-    assert [s.name for s in specs] == ["ohem-seed0", "ce-seed0", "ohem-seed1", "ce-seed1"]
-    assert specs[0].run_dir == tmp_path / "runs" / "ohem-seed0"
+def test_plan_interleaves_losses_in_the_sweep_order() -> None:
+    """Seeds first on the command line: Hydra's job order is then ohem-seed0, ce-seed0,
+    ohem-seed1, ce-seed1 (fair to machine drift). Job folders are named by configs/train.yaml
+    hydra.sweep.subdir."""
+    available = {"ohem", "ce", "focal"}
+    assert plan_sweep(["ohem", "ce"], [0, 1], available) == ["seed=0,1", "loss=ohem,ce"]
     with pytest.raises(ConfigError, match="must not repeat"):
-        plan_runs(["ohem", "ohem"], [0], tmp_path)
+        plan_sweep(["ohem", "ohem"], [0], available)
     with pytest.raises(ConfigError, match="at least one"):
-        plan_runs([], [0], tmp_path)
+        plan_sweep([], [0], available)
+    with pytest.raises(ConfigError, match="unknown loss"):
+        plan_sweep(["ohem", "dice"], [0], available)
 
 
 def test_train_overrides_drop_the_comparison_keys() -> None:
@@ -46,8 +51,17 @@ def test_train_overrides_drop_the_comparison_keys() -> None:
         "seeds=[0,1]",
         "trainer.max_iters=9",
         "hydra.run.dir=x",
+        "resume=auto",
+        "sweep_dir=y",
     ]
     assert train_overrides(task) == ["+experiment=synthcity_ohem", "trainer.max_iters=9"]
+    hydra = [
+        "hydra.run.dir=x",
+        "hydra/launcher=joblib",
+        "hydra.launcher.n_jobs=3",
+        "hydra.mode=RUN",
+    ]
+    assert launcher_overrides(hydra) == ["hydra/launcher=joblib", "hydra.launcher.n_jobs=3"]
 
 
 def test_rare_classes_are_the_least_frequent_third() -> None:
@@ -96,51 +110,202 @@ def test_differences_within_the_seed_spread_are_not_called_wins() -> None:
     assert "ohem ahead" in verdicts(clear)[0]
 
 
+# ------------------------------------------------------- the report's refusals (issue 15)
+def fake_run(sweep: Path, loss: str, seed: int, iteration: int, max_iters: int = 30) -> Path:
+    """A job folder of a sweep whose last.pt says how far the run got."""
+    folder = sweep / f"{loss}-seed{seed}"
+    (folder / ".hydra").mkdir(parents=True)
+    config = {
+        "experiment_name": "synthcity_ohem",
+        "seed": seed,
+        "loss": {"name": loss},
+        "trainer": {"max_iters": max_iters, "eval_interval": 10},
+        "loader": {"batch_size": 2, "num_workers": 0},
+        "dataset": {"name": "synthcity", "root": str(sweep / "data"), "class_names": ["a"]},
+    }
+    metrics = {"val": {"mIoU": 0.5, "IoU": [0.5]}}
+    save_checkpoint(
+        folder / "checkpoints" / "last.pt",
+        {"config": config, "iteration": iteration, "metrics": metrics},
+    )
+    return folder
+
+
+def report_errors(sweep: Path, capsys: pytest.CaptureFixture[str], *args: str) -> list[str]:
+    status = main([f"sweep_dir={sweep}", *args])
+    assert status == 1  # the work is incomplete: nothing is reported
+    assert not (sweep / "report.md").exists() and not (sweep / "report.json").exists()
+    return capsys.readouterr().err.strip().splitlines()
+
+
+def test_a_run_short_of_its_budget_is_never_reported(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Issue 15, case 2: an OHEM run stopped by SIGTERM at iteration 11 of 30 was set beside
+    a 30-iteration CE run as one budget ("ohem - ce: -4.71") with exit status 0."""
+    sweep = tmp_path / "sweep"
+    fake_run(sweep, "ohem", 0, iteration=11)
+    fake_run(sweep, "ce", 0, iteration=30)
+    (line,) = report_errors(sweep, capsys)
+    assert line.startswith("error: not every run reached its budget")
+    assert "ohem-seed0 stopped at iteration 11 of 30" in line and "ce-seed0" not in line
+
+
+def test_runs_of_different_budgets_are_refused(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    sweep = tmp_path / "sweep"
+    fake_run(sweep, "ohem", 0, iteration=30, max_iters=30)
+    fake_run(sweep, "ce", 0, iteration=40, max_iters=40)
+    (line,) = report_errors(sweep, capsys)
+    assert "not one budget" in line
+    assert "trainer.max_iters: 40 in ce-seed0, 30 in ohem-seed0" in line
+
+
+def test_a_missing_run_of_the_grid_is_refused(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    sweep = tmp_path / "sweep"
+    fake_run(sweep, "ohem", 0, iteration=30)
+    fake_run(sweep, "ce", 0, iteration=30)
+    (line,) = report_errors(sweep, capsys, "losses=[ohem,ce]", "seeds=[0,1]")
+    assert "lacks run(s) ohem-seed1, ce-seed1" in line
+    (folder := sweep / "focal-seed0" / ".hydra").mkdir(parents=True)  # a job that never saved
+    (line,) = report_errors(sweep, capsys)
+    assert f"{folder.parent} (no checkpoints/last.pt)" in line
+
+
+# ------------------------------------------------------------------------------ end to end
+def tiny_overrides(tmp_path: Path) -> list[str]:
+    """SynthCity at 32x64 (6 train / 2 val images) on the CPU."""
+    return [
+        f"dataset.root={tmp_path / 'synth'}",
+        "dataset.generator.num_train=6",
+        "dataset.generator.num_val=2",
+        "dataset.generator.height=32",
+        "dataset.generator.width=64",
+        "dataset.crop_size=[32,64]",
+        "loader.batch_size=2",
+        "loader.num_workers=0",
+        "trainer.device=cpu",
+        "schedule.warmup_iters=1",
+    ]
+
+
+def check_report(sweep: Path, losses: list[str], seeds: list[int], iterations: int) -> dict:
+    report = json.loads((sweep / "report.json").read_text())
+    assert [s["loss"] for s in report["summaries"]] == losses
+    expected = sorted((loss, seed) for loss in losses for seed in seeds)
+    assert sorted((r["loss"], r["seed"]) for r in report["runs"]) == expected
+    for run in report["runs"]:
+        assert run["iteration"] == iterations
+        assert Path(run["run_dir"]) == sweep / f"{run['loss']}-seed{run['seed']}"
+        stored = (Path(run["run_dir"]) / ".hydra" / "config.yaml").read_text()
+        assert f"name: {run['loss']}" in stored  # the loss override reached the run
+    assert (sweep / "miou_curves.png").stat().st_size > 0
+    assert (sweep / "class_iou.png").stat().st_size > 0
+    text = (sweep / "report.md").read_text()
+    assert "mIoU mean +- std" in text and "Rare classes" in text
+    return report
+
+
 @pytest.mark.slow
-def test_compare_tool_trains_every_loss_and_seed_and_writes_the_report(tmp_path: Path) -> None:
+def test_compare_tool_runs_the_sweep_on_joblib_and_writes_the_report(tmp_path: Path) -> None:
     out = tmp_path / "cmp"
     command = [
         sys.executable,
         str(REPO / "tools" / "compare.py"),
         "+experiment=synthcity_ohem",
         "losses=[ohem,focal]",
-        "seeds=[0,1]",
+        "seeds=[0]",
         "trainer.max_iters=4",
         "trainer.eval_interval=2",
         "trainer.log_interval=2",
-        "loader.batch_size=2",
-        "loader.num_workers=0",
-        f"dataset.root={tmp_path / 'synth'}",
-        "dataset.generator.num_train=6",
-        "dataset.generator.num_val=2",
-        "dataset.generator.height=64",
-        "dataset.generator.width=128",
-        "dataset.crop_size=[64,64]",
+        *tiny_overrides(tmp_path),
         f"hydra.run.dir={out}",
+        "hydra/launcher=joblib",
+        "hydra.launcher.n_jobs=2",
     ]
     done = subprocess.run(command, capture_output=True, text=True, cwd=tmp_path, timeout=600)
-    assert done.returncode == 0, done.stderr[-2000:]
-    report = json.loads((out / "report.json").read_text())
-    assert [s["loss"] for s in report["summaries"]] == ["ohem", "focal"]
-    assert sorted((r["loss"], r["seed"]) for r in report["runs"]) == [
-        ("focal", 0),
-        ("focal", 1),
-        ("ohem", 0),
-        ("ohem", 1),
-    ]
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "Joblib.Parallel(n_jobs=2" in done.stdout + done.stderr  # the launcher asked for
+    report = check_report(out, ["ohem", "focal"], [0], iterations=4)
     for run in report["runs"]:
-        assert run["iteration"] == 4
         assert [step for step, _ in run["curve"]] == [2, 4]
-        stored = (Path(run["run_dir"]) / ".hydra" / "config.yaml").read_text()
-        assert f"name: {run['loss']}" in stored  # the loss override reached the run
-    assert (out / "miou_curves.png").stat().st_size > 0
-    assert (out / "class_iou.png").stat().st_size > 0
-    text = (out / "report.md").read_text()
-    assert "mIoU mean +- std" in text and "Rare classes" in text
-    # All runs log under one TensorBoard root.
-    runs_with_events = {p.parents[1].name for p in out.glob("runs/*/tb/**/events.out.tfevents.*")}
-    assert runs_with_events == {"ohem-seed0", "ohem-seed1", "focal-seed0", "focal-seed1"}
-    # Restarting with the same folder reuses finished runs instead of training again.
+    assert report["command"].startswith("python tools/compare.py +experiment=synthcity_ohem")
+    assert "loss=ohem,focal" in report["setup"]["sweep"]  # the sweep, as Hydra recorded it
+    # All runs log under one TensorBoard root: the comparison folder.
+    runs_with_events = {p.parents[1].name for p in out.glob("*/tb/**/events.out.tfevents.*")}
+    assert runs_with_events == {"ohem-seed0", "focal-seed0"}
+    # Restarting with the same folder keeps the finished runs instead of training again.
     again = subprocess.run(command, capture_output=True, text=True, cwd=tmp_path, timeout=600)
-    assert again.returncode == 0, again.stderr[-2000:]
-    assert again.stdout.count("finished earlier") == 4
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert (again.stdout + again.stderr).count("finished earlier") == 2
+
+
+def submitit_tasks(sweep: Path) -> list[int]:
+    """The process ids of the running submitit job processes of ``sweep`` (Linux /proc)."""
+    pids = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            text = cmdline.read_bytes().replace(b"\0", b" ").decode()
+        except OSError:
+            continue
+        if "submitit.core._submit" in text and str(sweep) in text:
+            pids.append(int(cmdline.parent.name))
+    return pids
+
+
+@pytest.mark.slow
+def test_submitit_sweep_survives_preemption_and_the_report_step_reads_it(tmp_path: Path) -> None:
+    """tools/train.py -m on submitit_local: both jobs get SIGUSR2 (submitit's preemption
+    signal) mid-run, save last.pt, are requeued by submitit and resume their own folders;
+    then tools/compare.py sweep_dir=... reports on the finished sweep."""
+    sweep = tmp_path / "sweep"
+    max_iters = 12
+    command = [
+        sys.executable,
+        str(REPO / "tools" / "train.py"),
+        "-m",
+        "+experiment=synthcity_ce",
+        *tiny_overrides(tmp_path),
+        f"trainer.max_iters={max_iters}",
+        f"trainer.eval_interval={max_iters // 2}",
+        "trainer.log_interval=1",
+        "trainer.ckpt_interval=1000",
+        "seed=0,1",
+        "resume=auto",
+        "hydra/launcher=submitit_local",
+        f"hydra.sweep.dir={sweep}",
+    ]
+    process = subprocess.Popen(
+        command, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    logs = [sweep / f"ce-seed{seed}" / "train.log" for seed in (0, 1)]
+    deadline = time.monotonic() + 300
+    signalled: set[int] = set()
+    while time.monotonic() < deadline and process.poll() is None and len(signalled) < 2:
+        if all(log.is_file() and f"iter 2/{max_iters}" in log.read_text() for log in logs):
+            for pid in set(submitit_tasks(sweep)) - signalled:
+                os.kill(pid, signal.SIGUSR2)
+                signalled.add(pid)
+        time.sleep(0.05)
+    output, _ = process.communicate(timeout=600)
+    assert process.returncode == 0, output[-3000:]
+    assert len(signalled) == 2, output[-3000:]
+    for log in logs:
+        text = log.read_text()
+        assert "stopped (SIGUSR2) at iteration" in text, text[-2000:]
+        assert "resume=auto: continuing this job's run" in text
+        assert f"iter {max_iters}/{max_iters}" in text
+    report_only = subprocess.run(
+        [sys.executable, str(REPO / "tools" / "compare.py"), f"sweep_dir={sweep}"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert report_only.returncode == 0, report_only.stderr[-3000:]
+    report = check_report(sweep, ["ce"], [0, 1], iterations=max_iters)
+    assert report["command"].startswith("python tools/train.py -m +experiment=synthcity_ce")
+    assert report["summaries"][0]["seeds"] == [0, 1]

@@ -28,6 +28,8 @@ from seg.engine.checkpoint import load_checkpoint
 from seg.engine.state import RESULT_NEUTRAL_KEYS, config_differences, describe_differences
 from seg.errors import ConfigError, SegError
 
+#: What the report reads from each run's last.pt.
+RUN_KEYS = ("config", "iteration", "metrics")
 #: What may differ between the runs of one comparison (besides RESULT_NEUTRAL_KEYS).
 COMPARED_KEYS = ("loss", "seed", "experiment_name")
 
@@ -107,7 +109,7 @@ def _load_runs(sweep_dir: Path) -> list[_Run]:
     runs = []
     for folder in job_folders(sweep_dir):
         last = folder / "checkpoints" / "last.pt"
-        checkpoint = load_checkpoint(last, map_location="cpu") if last.is_file() else None
+        checkpoint = load_checkpoint(last, required_keys=RUN_KEYS) if last.is_file() else None
         runs.append(_Run(folder, checkpoint, _job_num(folder)))
     runs.sort(key=lambda r: (r.job_num, r.folder.name))
     return runs
@@ -134,11 +136,11 @@ def check_one_budget(runs: Sequence[_Run]) -> None:
     for run in runs[1:]:
         differences = config_differences(first.config, run.config, ignore=ignore)
         if differences:
-            detail = describe_differences(first.config, run.config, differences)
+            names = (f"in {first.name}", f"in {run.name}")
+            detail = describe_differences(first.config, run.config, differences, names=names)
             raise IncomparableRuns(
-                f"runs {first.name} ({first.folder}) and {run.name} ({run.folder}) are not "
-                f"one budget: they differ in more than loss and seed ({detail}; 'there' is "
-                f"{first.name})"
+                f"runs {first.folder} and {run.folder} are not one budget: they differ in "
+                f"more than loss and seed ({detail})"
             )
 
 

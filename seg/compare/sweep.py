@@ -196,3 +196,10 @@ def compare(cfg: DictConfig) -> int:
     report = write_report(out_dir, losses, seeds, command=own, machine=machine)
     print(f"report: {report}\nTensorBoard: tensorboard --logdir {out_dir}")
     return 0
+
+
+def main(argv: Sequence[str]) -> int:
+    """``tools/compare.py ARGS`` in this process (the report step: ``sweep_dir=PATH``)."""
+    from seg.cli import run_in_process
+
+    return run_in_process("compare", argv, compare)

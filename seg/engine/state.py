@@ -230,12 +230,18 @@ def config_differences(
 
 
 def describe_differences(
-    stored: Mapping[str, Any], current: Mapping[str, Any], keys: list[str], limit: int = 3
+    stored: Mapping[str, Any],
+    current: Mapping[str, Any],
+    keys: list[str],
+    limit: int = 3,
+    names: tuple[str, str] = ("there", "here"),
 ) -> str:
-    """``"seed: 0 there, 1 here; ..."`` for the first ``limit`` of ``keys``."""
+    """``"seed: 0 there, 1 here; ..."`` for the first ``limit`` of ``keys`` (``names``
+    say which config is which)."""
     a, b = flatten(stored), flatten(current)
     parts = [
-        f"{k}: {a.get(k, '(absent)')} there, {b.get(k, '(absent)')} here" for k in keys[:limit]
+        f"{k}: {a.get(k, '(absent)')} {names[0]}, {b.get(k, '(absent)')} {names[1]}"
+        for k in keys[:limit]
     ]
     more = f" (and {len(keys) - limit} more)" if len(keys) > limit else ""
     return "; ".join(parts) + more
