@@ -54,17 +54,23 @@ class PaletteNet(nn.Module):
         return -self.scale * dist
 
 
-def make_config(root: Path, model: str = "bisenetv2", num_classes: int = 19) -> dict:
+def make_config(
+    root: Path, model: str = "bisenetv2", num_classes: int = 19, dataset: str = "synthcity"
+) -> dict:
     """The resolved config the trainer stores, composed from configs/train.yaml."""
     overrides = [
+        f"dataset={dataset}",
         f"dataset.root={root}",
-        f"dataset.generator.height={H}",
-        f"dataset.generator.width={W}",
-        f"dataset.generator.num_train={NUM_TRAIN}",
-        f"dataset.generator.num_val={NUM_VAL}",
         f"dataset.crop_size=[{H},{H}]",
         "loader.num_workers=0",
     ]
+    if dataset == "synthcity":
+        overrides += [
+            f"dataset.generator.height={H}",
+            f"dataset.generator.width={W}",
+            f"dataset.generator.num_train={NUM_TRAIN}",
+            f"dataset.generator.num_val={NUM_VAL}",
+        ]
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
         cfg = compose(config_name="train", overrides=overrides)
     if model == "palette":
@@ -221,6 +227,69 @@ def test_dataset_root_override_reaches_the_dataset(synth_root: Path, tmp_path: P
     assert run_cli(f"ckpt={ckpt}", f"dataset.root={synth_root}") == 0
     assert json.loads((tmp_path / "metrics.json").read_text())["root"] == str(synth_root)
     assert not stored_root.exists()  # nothing was generated at the stored root
+
+
+def write_folder_dataset(root: Path, counts: dict[str, int]) -> Path:
+    """configs/dataset/folder_example.yaml's layout: images/<split>, masks/<split>."""
+    rng = np.random.default_rng(len(str(root)))
+    for split, n in counts.items():
+        for k in range(n):
+            (root / "images" / split).mkdir(parents=True, exist_ok=True)
+            (root / "masks" / split).mkdir(parents=True, exist_ok=True)
+            image = rng.integers(0, 256, (H, W, 3), dtype=np.uint8)
+            cv2.imwrite(str(root / "images" / split / f"{k:03d}.png"), image)
+            mask = rng.choice([0, 1, 2, 99], (H, W)).astype(np.uint8)
+            cv2.imwrite(str(root / "masks" / split / f"{k:03d}.png"), mask)
+    return root
+
+
+def test_root_and_split_overrides_reach_a_folder_dataset(tmp_path: Path) -> None:
+    """Issue 15, case 3: FolderDataset stores resolved image_dir/mask_dir paths, which
+    dataset.root=B and dataset.split=train did not reach: the stored place and split were
+    evaluated while metrics.json said B/train."""
+    stored = write_folder_dataset(tmp_path / "A", {"train": 1, "val": 1})
+    moved = write_folder_dataset(tmp_path / "B", {"train": 3, "val": 2})
+    config = make_config(stored, "palette", num_classes=3, dataset="folder_example")
+    assert config["dataset"]["val"]["image_dir"] == f"{stored}/images/val"
+    ckpt = write_checkpoint(tmp_path / "run" / "last.pt", config, _palette_net(config))
+    cases = [
+        ([f"dataset.root={moved}"], 2, moved / "images" / "val"),
+        ([f"dataset.root={moved}", "dataset.split=train"], 3, moved / "images" / "train"),
+        (["dataset.split=train"], 1, stored / "images" / "train"),
+    ]
+    for args, images, image_dir in cases:
+        out = tmp_path / "out" / "_".join(a.split("=")[0] for a in args)
+        assert run_cli(f"ckpt={ckpt}", f"out={out}", *args) == 0
+        report = json.loads((out / "metrics.json").read_text())
+        assert report["images"] == images, args
+        assert report["image_dir"] == str(image_dir), args
+        assert report["split"] == ("train" if "dataset.split=train" in args else "val")
+
+
+def test_an_explicit_path_override_is_kept(tmp_path: Path) -> None:
+    from seg.engine.eval_run import build_eval_config
+
+    stored = {
+        "dataset": {
+            "root": "/a",
+            "split": "val",
+            "val": {"image_dir": "/a/images/val", "mask_dir": "/a/masks/val", "split": "val"},
+            "train": {"image_dir": "/a/images/train", "other": "/elsewhere/val"},
+        },
+        "model": {},
+        "eval": {},
+    }
+    overrides = {
+        "dataset.root": "/b",
+        "dataset.split": "test",
+        "dataset.val.mask_dir": "/c/val",
+    }
+    cfg = build_eval_config(stored, overrides)
+    assert cfg.dataset.val.image_dir == "/b/images/test"
+    assert cfg.dataset.val.mask_dir == "/c/val"  # set by the user: kept as set
+    assert cfg.dataset.val.split == "test"
+    assert cfg.dataset.train.image_dir == "/b/images/train"  # the training split stays
+    assert cfg.dataset.train.other == "/elsewhere/val"  # not below the root: untouched
 
 
 @pytest.mark.parametrize(
@@ -415,3 +484,44 @@ def test_torchrun_two_processes_match_one_process(
         f"{n}_labelIds.png" for n in _val_stems(synth_root)
     ]
     assert done.stdout.count("mIoU") == 1  # only rank 0 prints
+
+
+def _eval_tool(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    env = dict(os.environ)  # PaletteNet lives in this file
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO / "tests"), str(REPO), env.get("PYTHONPATH", "")])
+    return subprocess.run(
+        [sys.executable, str(REPO / "tools" / "eval.py"), *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+def test_cfg_job_shows_the_overrides_of_the_stored_config(tmp_path: Path) -> None:
+    done = _eval_tool(
+        "ckpt=x.pt", "dataset.root=/data/B", "eval.flip=true", "eval=slide", "--cfg", "job",
+        cwd=tmp_path,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    shown = OmegaConf.create(done.stdout)
+    assert shown.ckpt == "x.pt" and shown.dataset == {"root": "/data/B"}
+    assert shown.eval.mode == "slide" and shown.eval.flip is True
+    assert not list(tmp_path.iterdir())  # nothing written
+
+
+@pytest.mark.slow
+def test_multirun_evaluates_each_checkpoint(palette_ckpt: Path, tmp_path: Path) -> None:
+    second = tmp_path / "second" / "best.pt"
+    second.parent.mkdir()
+    second.write_bytes(palette_ckpt.read_bytes())
+    done = _eval_tool(
+        "-m", f"ckpt={palette_ckpt},{second}", "progress=false", "device=cpu", cwd=tmp_path
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    first = json.loads((palette_ckpt.parent / "metrics.json").read_text())
+    other = json.loads((second.parent / "metrics.json").read_text())
+    assert first["checkpoint"] == str(palette_ckpt) and other["checkpoint"] == str(second)
+    assert other["metrics"] == first["metrics"]  # the same weights, the same numbers
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["multirun", "second"]

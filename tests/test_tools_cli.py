@@ -1,4 +1,5 @@
-"""Every tool answers --help, and a mistyped override is one line with exit status 2."""
+"""Every tool is a Hydra app: --help, --cfg job, and a mistyped override or missing value
+is one `error:` line on stderr with exit status 2 (seg/cli.py)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from omegaconf import OmegaConf
 
 REPO = Path(__file__).resolve().parents[1]
 TOOLS = [
@@ -41,3 +43,30 @@ def test_mistyped_dataset_override_is_one_line(name: str, tmp_path: Path) -> Non
     assert done.returncode == 2
     output = (done.stdout + done.stderr).strip()
     assert len(output.splitlines()) == 1 and "dataset.rooot" in output, output
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", TOOLS)
+def test_cfg_job_prints_the_config_and_writes_nothing(name: str, tmp_path: Path) -> None:
+    done = run_tool(name, "--cfg", "job", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-1000:]
+    assert OmegaConf.create(done.stdout)  # the composed config, as YAML
+    assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", [t for t in TOOLS if t not in ("check_dataset", "make_synthcity")])
+def test_every_tool_answers_a_mistyped_key_with_one_line(name: str, tmp_path: Path) -> None:
+    done = run_tool(name, "nosuchkey=1", cwd=tmp_path)
+    assert done.returncode == 2, done.stderr[-1000:]
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "nosuchkey" in lines[0]
+    assert not done.stdout.strip() and not list(tmp_path.iterdir())
+
+
+def test_a_missing_required_value_is_one_line(tmp_path: Path) -> None:
+    done = run_tool("eval", cwd=tmp_path)
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines() == [
+        "error: ckpt=PATH is required (the checkpoint to evaluate)"
+    ]

@@ -91,9 +91,9 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> TrainResult:
     return run(cfg, run_dir=base / "outputs" / "synthcity_ohem" / "run")
 
 
-def interrupt_with_ctrl_c(args: list[str], cwd: Path, log: Path, after: str) -> str:
+def interrupt_with_ctrl_c(args: list[str], cwd: Path, log: Path, after: str) -> tuple[str, int]:
     """Run ``tools/train.py`` and press Ctrl-C (SIGINT to its process group, as a terminal
-    does) once ``log`` holds ``after``; returns the process's output."""
+    does) once ``log`` holds ``after``; returns the process's output and exit status."""
     process = subprocess.Popen(
         [sys.executable, str(REPO / "tools" / "train.py"), *args],
         cwd=cwd,
@@ -109,7 +109,7 @@ def interrupt_with_ctrl_c(args: list[str], cwd: Path, log: Path, after: str) -> 
             break
         time.sleep(0.01)
     output, _ = process.communicate(timeout=240)
-    return output
+    return output, process.returncode
 
 
 @pytest.fixture(scope="module")
@@ -126,7 +126,7 @@ def resumed(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     a = run(compose_cfg(common), run_dir=base / "a" / "run_a")
     outputs = base / "outputs" / "synthcity_ohem"
     workers = ["loader.num_workers=2"]
-    output = interrupt_with_ctrl_c(
+    output, status = interrupt_with_ctrl_c(
         [*common, *workers, f"hydra.run.dir={outputs / 'run_b'}"],
         cwd=base,
         log=outputs / "run_b" / "train.log",
@@ -136,7 +136,14 @@ def resumed(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
         outputs / "run_b" / "checkpoints" / "last.pt", required_keys=CHECKPOINT_KEYS
     )
     c = run(compose_cfg([*common, *workers, "resume=auto"]), run_dir=outputs / "run_c")
-    return {"a": a, "b_last": b_last, "b_output": output, "c": c, "outputs": outputs}
+    return {
+        "a": a,
+        "b_last": b_last,
+        "b_output": output,
+        "b_status": status,
+        "c": c,
+        "outputs": outputs,
+    }
 
 
 @pytest.mark.slow
@@ -181,6 +188,7 @@ def test_ctrl_c_saves_and_resume_is_exact(resumed: dict[str, Any]) -> None:
     stopped_at = b_last["iteration"]
     assert 2 <= stopped_at < RESUME_ITERS, resumed["b_output"][-2000:]
     assert "Traceback" not in resumed["b_output"]  # the loader workers ignored their SIGINT
+    assert resumed["b_status"] == 130  # 128 + SIGINT: a scheduler sees an interrupted run
     # resume=auto found run_b's last.pt and kept writing into run_b
     assert c.run_dir == resumed["outputs"] / "run_b"
     assert c.iteration == RESUME_ITERS and c.stopped_by is None

@@ -19,7 +19,7 @@ from seg.predict import run_prediction
 
 def predict(cfg: DictConfig) -> int:
     """Predict every input; 1 when some files were skipped."""
-    options = OmegaConf.to_container(cfg, resolve=True)
+    options = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
     assert isinstance(options, dict)
     summary = run_prediction(**options)
     print(summary.describe())

@@ -20,6 +20,7 @@ by ``tools/train.py -m`` on a cluster, say).
 from __future__ import annotations
 
 import contextlib
+import os
 import signal
 import subprocess
 import sys
@@ -108,11 +109,17 @@ def run_sweep(command: Sequence[str]) -> int:
     def forward(signum: int, frame: Any) -> None:
         del frame
         with contextlib.suppress(ProcessLookupError):  # the sweep has just ended
-            signal.killpg(process.pid, signum)
+            os.killpg(process.pid, signum)
 
     previous = {signum: signal.signal(signum, forward) for signum in FORWARDED_SIGNALS}
     try:
         return process.wait()
+    except BaseException:
+        # This process is going down (an error): stop the sweep as a scheduler would, so
+        # that no job is left training on its own; the jobs save last.pt first.
+        forward(signal.SIGTERM, None)
+        process.wait()
+        raise
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
