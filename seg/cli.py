@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import copy
 import os
+import signal
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -158,13 +159,36 @@ def job_label() -> str:
     return f"[job {hydra_cfg.job.num}, {folder}]" if folder else f"[job {hydra_cfg.job.num}]"
 
 
+def jobs_run_elsewhere() -> bool:
+    """True in a multirun job run by a launcher other than the basic one (joblib,
+    submitit): the job is not the master process."""
+    from hydra.core.hydra_config import HydraConfig
+
+    launcher = HydraConfig.get().runtime.choices.get("hydra/launcher") or "basic"
+    return in_multirun() and launcher != "basic"
+
+
 def run_job(work: Work, cfg: DictConfig) -> None:
     """Run one tool's ``work(cfg)`` behind the error edge (call it from the Hydra task).
 
     A single run ends the process on failure (``SystemExit`` with the status, after the
     ``error:`` line). In a multirun a failure raises :class:`JobFailed` so that Hydra
-    records it and goes on with the other jobs; a signal's status still ends the process.
+    records it and goes on with the other jobs. A job stopped by a signal ends the sweep:
+    with the basic launcher at once (``SystemExit``); with joblib or submitit as a failed
+    job once every running job has saved (``seg.engine.signals.SweepSignals``), jobs of
+    a stopped sweep not started yet are skipped.
     """
+    if in_multirun():
+        from hydra.core.hydra_config import HydraConfig
+
+        from seg.engine.signals import exit_status as signal_status
+        from seg.engine.signals import sweep_stopped
+
+        stopped = sweep_stopped(Path(str(HydraConfig.get().sweep.dir)))
+        if stopped is not None:
+            line = f"{job_label()} skipped: the sweep was stopped ({stopped})"
+            print(line, file=sys.stderr, flush=True)
+            raise JobFailed(signal_status(stopped), line)
     try:
         status = int(work(cfg) or 0)
     except (SegError, OSError, OmegaConfBaseException, HydraException) as error:
@@ -179,6 +203,9 @@ def run_job(work: Work, cfg: DictConfig) -> None:
         return
     if in_multirun() and status in (EXIT_FAILED, EXIT_BAD_INPUT):
         raise JobFailed(status, f"{job_label()} ended with exit status {status}")
+    if status > 128 and jobs_run_elsewhere():  # let the master wait for the others' saves
+        name = signal.Signals(status - 128).name
+        raise JobFailed(status, f"{job_label()} stopped by {name}, last.pt saved")
     raise SystemExit(status)
 
 
@@ -199,6 +226,9 @@ def run_app(main: Callable[[], Any]) -> None:
     except JobFailed as error:
         print(f"error: the sweep did not finish: {error.line}", file=sys.stderr, flush=True)
         raise SystemExit(error.status) from None
+    except KeyboardInterrupt:  # Ctrl-C outside a training loop (which saves and exits 130)
+        print("error: interrupted (SIGINT)", file=sys.stderr, flush=True)
+        raise SystemExit(130) from None
     except (HydraException, OmegaConfBaseException, SegError, OSError) as error:
         if user_full_error:
             raise

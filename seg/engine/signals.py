@@ -32,11 +32,15 @@ from __future__ import annotations
 
 import os
 import signal
+import sys
+from pathlib import Path
 from types import FrameType, TracebackType
 from typing import Any
 
 import torch
 import torch.distributed
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig
 
 from seg import dist
 
@@ -76,10 +80,12 @@ def hand_over(reason: str | None) -> None:
 class StopSignals:
     """A context that turns :data:`STOP_SIGNALS` into a stop request.
 
-    The first signal sets :attr:`reason` (its name) and restores the default action, so a
-    second one aborts at once. Inside a thread other than the main one signals cannot be
-    caught; the context then does nothing. On exit the handlers found on entry are put
-    back (submitit's among them, for :func:`hand_over`).
+    The first signal sets :attr:`reason` (its name). A second Ctrl-C aborts at once; a
+    repeated SIGTERM or USR signal changes nothing (schedulers and parents may deliver one
+    signal twice: to the job's processes and through a parent passing it on; SIGKILL is the
+    hard stop). Inside a thread other than the main one signals cannot be caught; the
+    context then does nothing. On exit the handlers found on entry are put back
+    (submitit's among them, for :func:`hand_over`).
     """
 
     def __init__(self) -> None:
@@ -137,13 +143,78 @@ class StopSignals:
             # tqdm.write keeps the bar intact; logging may not be safe inside a handler.
             from tqdm import tqdm
 
-            tqdm.write(f"{name}: stopping after this iteration and saving last.pt (again to abort)")
+            again = " (Ctrl-C again to abort)" if signum == signal.SIGINT else ""
+            tqdm.write(f"{name}: stopping after this iteration and saving last.pt{again}")
         self.request(name)
-        signal.signal(
-            signum, signal.default_int_handler if signum == signal.SIGINT else signal.SIG_DFL
-        )
+        if signum == signal.SIGINT:
+            signal.signal(signum, signal.default_int_handler)
 
     def _restore(self) -> None:
         for signum, handler in self._previous.items():
             signal.signal(signum, handler)
         self._previous = {}
+
+
+# --------------------------------------------------------------------- a sweep's master
+#: Launchers whose jobs are processes of this machine, in the master's process group.
+LOCAL_PROCESS_LAUNCHERS = ("joblib", "submitit_local")
+#: The file that tells the jobs of a sweep not started yet that the sweep was stopped.
+STOP_FILE = ".stop"
+_master: dict[str, Any] = {"reason": None, "previous": {}, "stop_file": None}
+
+
+def sweep_stopped(sweep_dir: Path) -> str | None:
+    """The name of the signal that stopped the sweep in ``sweep_dir``, or None."""
+    path = sweep_dir / STOP_FILE
+    if not path.is_file():
+        return None
+    return path.read_text().strip() or "SIGTERM"
+
+
+class SweepSignals(Callback):
+    """Hydra callback (``hydra.callbacks`` in configs/train.yaml): stop signals in a sweep.
+
+    With a launcher whose jobs are processes of this machine (joblib, submitit_local), the
+    master would die on Ctrl-C and take the jobs down before they save. Instead it keeps
+    waiting: the jobs (which got the same Ctrl-C, or the SIGTERM the master passes on to
+    its process group) save ``last.pt`` and stop, jobs not started yet are skipped (the
+    master writes ``<sweep dir>/.stop``), and the sweep ends with 128 + the signal's
+    number. A second Ctrl-C aborts at once. The basic launcher runs jobs in the master
+    itself, where the training's own handlers act; submitit_slurm jobs run elsewhere and
+    Ctrl-C only stops the master's waiting, as usual.
+    """
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        sweep_dir = Path(str(config.hydra.sweep.dir))
+        (sweep_dir / STOP_FILE).unlink(missing_ok=True)  # a rerun: forget the last stop
+        if config.hydra.runtime.choices.get("hydra/launcher") in LOCAL_PROCESS_LAUNCHERS:
+            _master["stop_file"] = sweep_dir / STOP_FILE
+            for signum in STOP_SIGNALS:
+                _master["previous"][signum] = signal.signal(signum, _on_master_signal)
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        for signum, handler in _master["previous"].items():
+            signal.signal(signum, handler)
+        _master.update(reason=None, previous={}, stop_file=None)
+
+
+def _on_master_signal(signum: int, frame: FrameType | None) -> None:
+    del frame
+    name = signal.Signals(signum).name
+    if _master["reason"] is not None:
+        if signum == signal.SIGINT and name == _master["reason"]:
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+            raise KeyboardInterrupt
+        return
+    _master["reason"] = name
+    stop_file: Path = _master["stop_file"]
+    stop_file.parent.mkdir(parents=True, exist_ok=True)
+    stop_file.write_text(f"{name}\n")
+    print(
+        f"{name}: the sweep stops: running jobs save last.pt and stop, the others are "
+        "skipped (Ctrl-C again to abort)",
+        file=sys.stderr,
+        flush=True,
+    )
+    if signum != signal.SIGINT:  # Ctrl-C reached the jobs already; a kill reached only us
+        os.killpg(os.getpgid(0), signum)
