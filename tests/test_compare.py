@@ -209,38 +209,66 @@ def check_report(sweep: Path, losses: list[str], seeds: list[int], iterations: i
     return report
 
 
+def wait_for(logs: list[Path], text: str, process: subprocess.Popen, seconds: float) -> None:
+    """Until every log holds ``text`` (or the process ended, or time ran out)."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline and process.poll() is None:
+        if all(log.is_file() and text in log.read_text() for log in logs):
+            return
+        time.sleep(0.05)
+
+
 @pytest.mark.slow
-def test_compare_tool_runs_the_sweep_on_joblib_and_writes_the_report(tmp_path: Path) -> None:
+def test_compare_on_joblib_survives_ctrl_c_and_writes_the_report(tmp_path: Path) -> None:
+    """Ctrl-C stops the comparison with 130 after both parallel jobs saved, and no report;
+    the same command again continues both runs and writes the report."""
     out = tmp_path / "cmp"
+    max_iters = 16
     command = [
         sys.executable,
         str(REPO / "tools" / "compare.py"),
         "+experiment=synthcity_ohem",
         "losses=[ohem,focal]",
         "seeds=[0]",
-        "trainer.max_iters=4",
-        "trainer.eval_interval=2",
-        "trainer.log_interval=2",
+        f"trainer.max_iters={max_iters}",
+        f"trainer.eval_interval={max_iters // 2}",
+        "trainer.log_interval=1",
         *tiny_overrides(tmp_path),
         f"hydra.run.dir={out}",
         "hydra/launcher=joblib",
         "hydra.launcher.n_jobs=2",
     ]
-    done = subprocess.run(command, capture_output=True, text=True, cwd=tmp_path, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert "Joblib.Parallel(n_jobs=2" in done.stdout + done.stderr  # the launcher asked for
-    report = check_report(out, ["ohem", "focal"], [0], iterations=4)
+    first = subprocess.Popen(
+        command,
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,  # its own process group, as a shell's job
+    )
+    logs = [out / name / "train.log" for name in ("ohem-seed0", "focal-seed0")]
+    wait_for(logs, f"iter 2/{max_iters}", first, seconds=300)
+    os.killpg(first.pid, signal.SIGINT)  # what Ctrl-C in a terminal does
+    output, _ = first.communicate(timeout=300)
+    assert first.returncode == 130, output[-3000:]
+    assert "Joblib.Parallel(n_jobs=2" in output  # the launcher asked for
+    assert "the sweep was stopped (SIGINT); no report" in output
+    assert not (out / "report.md").exists()
+    for log in logs:
+        assert "stopped (SIGINT) at iteration" in log.read_text()
+
+    again = subprocess.run(command, capture_output=True, text=True, cwd=tmp_path, timeout=600)
+    assert again.returncode == 0, again.stderr[-3000:]
+    report = check_report(out, ["ohem", "focal"], [0], iterations=max_iters)
     for run in report["runs"]:
-        assert [step for step, _ in run["curve"]] == [2, 4]
+        assert [step for step, _ in run["curve"]] == [max_iters // 2, max_iters]
+    for log in logs:
+        assert "resume=auto: continuing this job's run" in log.read_text()
     assert report["command"].startswith("python tools/compare.py +experiment=synthcity_ohem")
     assert "loss=ohem,focal" in report["setup"]["sweep"]  # the sweep, as Hydra recorded it
     # All runs log under one TensorBoard root: the comparison folder.
     runs_with_events = {p.parents[1].name for p in out.glob("*/tb/**/events.out.tfevents.*")}
     assert runs_with_events == {"ohem-seed0", "focal-seed0"}
-    # Restarting with the same folder keeps the finished runs instead of training again.
-    again = subprocess.run(command, capture_output=True, text=True, cwd=tmp_path, timeout=600)
-    assert again.returncode == 0, again.stderr[-3000:]
-    assert (again.stdout + again.stderr).count("finished earlier") == 2
 
 
 def submitit_tasks(sweep: Path) -> list[int]:
@@ -282,14 +310,10 @@ def test_submitit_sweep_survives_preemption_and_the_report_step_reads_it(tmp_pat
         command, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
     )
     logs = [sweep / f"ce-seed{seed}" / "train.log" for seed in (0, 1)]
-    deadline = time.monotonic() + 300
-    signalled: set[int] = set()
-    while time.monotonic() < deadline and process.poll() is None and len(signalled) < 2:
-        if all(log.is_file() and f"iter 2/{max_iters}" in log.read_text() for log in logs):
-            for pid in set(submitit_tasks(sweep)) - signalled:
-                os.kill(pid, signal.SIGUSR2)
-                signalled.add(pid)
-        time.sleep(0.05)
+    wait_for(logs, f"iter 2/{max_iters}", process, seconds=300)
+    signalled = submitit_tasks(sweep)
+    for pid in signalled:
+        os.kill(pid, signal.SIGUSR2)
     output, _ = process.communicate(timeout=600)
     assert process.returncode == 0, output[-3000:]
     assert len(signalled) == 2, output[-3000:]
