@@ -55,7 +55,9 @@ def test_error_line_is_one_line() -> None:
             "\tohem\nConfig search path:\n\tprovider=hydra, path=pkg://hydra.conf"
         )
     )
-    assert listing == "In 'train': Could not find 'loss/nope'; Available options in 'loss': ce, ohem"
+    assert (
+        listing == "In 'train': Could not find 'loss/nope'; Available options in 'loss': ce, ohem"
+    )
 
 
 def test_job_failed_survives_the_trip_back_from_a_worker() -> None:
