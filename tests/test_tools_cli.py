@@ -70,3 +70,18 @@ def test_a_missing_required_value_is_one_line(tmp_path: Path) -> None:
     assert done.stderr.strip().splitlines() == [
         "error: ckpt=PATH is required (the checkpoint to evaluate)"
     ]
+
+
+def test_failing_jobs_of_a_sweep_each_say_why_and_the_sweep_fails(tmp_path: Path) -> None:
+    """Every job runs (the basic launcher goes on after a failure), each failure is one
+    line naming its job folder, and the sweep ends with the jobs' status."""
+    done = run_tool(
+        "train", "-m", "+experiment=cityscapes_ohem", "seed=0,1", "hydra.sweep.dir=sweep",
+        cwd=tmp_path,
+    )  # fmt: skip
+    assert done.returncode == 2, done.stderr[-2000:]
+    errors = [line for line in done.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 3, done.stderr  # one per job, then the sweep's
+    for seed, line in zip((0, 1), errors, strict=False):
+        assert f"sweep/ohem-seed{seed}]" in line and "dataset root not found" in line
+    assert errors[2].startswith("error: the sweep did not finish: [job 0, ")

@@ -314,22 +314,26 @@ def test_per_rank_batch() -> None:
 
 
 def test_auto_resume_picks_newest_last_pt(tmp_path: Path) -> None:
+    """Among runs with this config, the newest (issue 16: runs with another config are
+    never taken; tests/test_resume.py checks that)."""
+    from seg.engine.checkpoint import save_checkpoint
+
+    config = {"seed": 0, "trainer": {"max_iters": 10}}
     outputs = tmp_path / "outputs" / "exp"
     new_run = outputs / "2026-01-03_00-00-00"
     new_run.mkdir(parents=True)
-    assert find_auto_resume(new_run) is None
+    assert find_auto_resume(new_run, config).path is None
     paths = []
     for i, name in enumerate(["2026-01-01_00-00-00", "2026-01-02_00-00-00"]):
         path = outputs / name / "checkpoints" / "last.pt"
-        path.parent.mkdir(parents=True)
-        path.write_bytes(b"x")
+        save_checkpoint(path, {"config": config, "iteration": 3})
         os.utime(path, (time.time() + i, time.time() + i))
         paths.append(path)
-    assert find_auto_resume(new_run) == paths[1]
-    assert resolve_resume("auto", new_run) == paths[1]
-    assert resolve_resume(None, new_run) is None
+    assert find_auto_resume(new_run, config).path == paths[1]
+    assert resolve_resume("auto", new_run, config).path == paths[1]
+    assert resolve_resume(None, new_run, config).path is None
     with pytest.raises(ConfigError, match="resume="):
-        resolve_resume(str(tmp_path / "missing.pt"), new_run)
+        resolve_resume(str(tmp_path / "missing.pt"), new_run, config)
 
 
 # ------------------------------------------------------------------------- loss state
