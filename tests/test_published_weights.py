@@ -474,13 +474,13 @@ def test_cli_bad_input_exits_2_with_one_line(tmp_path: Path, reference: dict) ->
     assert line.startswith("error: refused to load") and str(src) in line
     assert not (tmp_path / "out.pt").exists() and not (tmp_path / "pwned").exists()
     result = run_tool("convert_weights.py", "out=out.pt", cwd=tmp_path)
-    assert result.returncode == 2 and result.stderr.strip() == "error: src=PATH is required"
+    assert result.returncode == 2 and result.stderr.strip().startswith("error: src=... is required")
     result = run_tool(
         "convert_weights.py", f"src={src}", "out=out.pt", "formta=mmseg", cwd=tmp_path
     )
     assert result.returncode == 2
     (line,) = result.stderr.strip().splitlines()
-    assert line.startswith("error: unknown setting 'formta' (expected one of: src, out, format")
+    assert line.startswith("error: Could not override 'formta'")  # the tools' one error edge
 
 
 @pytest.mark.slow

@@ -10,66 +10,34 @@ Settings: configs/convert_weights.yaml; logic: seg/models/convert.py (key mappin
 seg/models/published.py (the checkpoint); docs/weights.md.
 """
 
-import sys
-from pathlib import Path
-
 import hydra
-from hydra.core.override_parser.overrides_parser import OverridesParser
-from hydra.errors import HydraException
 from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import MissingMandatoryValue
 
-from seg.errors import SegError
+from seg.cli import run_app, run_job
 from seg.models.published import convert_checkpoint
 
-CONFIG = Path(__file__).resolve().parents[1] / "configs" / "convert_weights.yaml"
 
-
-def unknown_setting(argv: list[str]) -> str | None:
-    """The first ``key=value`` argument whose key configs/convert_weights.yaml lacks."""
-    known = set(OmegaConf.load(CONFIG)) - {"defaults"}
-    try:
-        overrides = OverridesParser.create().parse_overrides(
-            [a for a in argv if not a.startswith("-")]
-        )
-    except HydraException:
-        return None  # Hydra reports syntax errors itself
-    for override in overrides:
-        key = override.key_or_group
-        if key.split(".")[0] not in known and not key.startswith("hydra"):
-            return key
-    return None
+def convert(cfg: DictConfig) -> None:
+    """Convert ``cfg.src`` into ``cfg.out`` and print what was mapped."""
+    options = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
+    assert isinstance(options, dict)
+    summary = convert_checkpoint(
+        options["src"],
+        options["out"],
+        source_format=options["format"],
+        dataset_config=options["dataset_config"],
+        dataset_name=options["dataset_name"],
+        mean=options["mean"],
+        std=options["std"],
+        class_names=options["class_names"],
+    )
+    print(summary.describe())
 
 
 @hydra.main(config_path="../configs", config_name="convert_weights", version_base="1.3")
 def main(cfg: DictConfig) -> None:
-    try:
-        options = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
-    except MissingMandatoryValue as error:
-        print(f"error: {error.full_key}=PATH is required", file=sys.stderr)
-        sys.exit(2)
-    assert isinstance(options, dict)
-    try:
-        summary = convert_checkpoint(
-            options["src"],
-            options["out"],
-            source_format=options["format"],
-            dataset_config=options["dataset_config"],
-            dataset_name=options["dataset_name"],
-            mean=options["mean"],
-            std=options["std"],
-            class_names=options["class_names"],
-        )
-    except (SegError, OSError) as error:  # OSError: an unreadable path, named in it
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(2)
-    print(summary.describe())
+    run_job(convert, cfg)
 
 
 if __name__ == "__main__":
-    bad = unknown_setting(sys.argv[1:])
-    if bad is not None:
-        expected = ", ".join(k for k in OmegaConf.load(CONFIG) if k not in ("defaults", "hydra"))
-        print(f"error: unknown setting {bad!r} (expected one of: {expected})", file=sys.stderr)
-        sys.exit(2)
-    main()
+    run_app(main)

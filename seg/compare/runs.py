@@ -239,28 +239,20 @@ def recorded_sweep_command(sweep_dir: Path) -> str | None:
     return " ".join(["python tools/train.py -m", *(str(o) for o in task or [])])
 
 
-def _targets(node: Any) -> list[str]:
-    if isinstance(node, Mapping):
-        own = [str(node["_target_"])] if "_target_" in node else []
-        return own + [t for v in node.values() for t in _targets(v)]
-    if isinstance(node, list | tuple):
-        return [t for v in node for t in _targets(v)]
-    return []
-
-
 def class_pixel_counts(config: Mapping[str, Any]) -> list[int]:
     """Training pixels per train id of a run's dataset (reads every training label once).
 
-    The dataset node comes from a checkpoint: only the project's dataset classes
-    (``seg.data.*``) are built from it.
+    The dataset node comes from a checkpoint: only seg's own classes are built from it
+    (``seg.instantiate.check_targets``), it reads without a cache and generates nothing.
     """
-    from seg.data.build import build_dataset
     from seg.data.check import check_split
+    from seg.instantiate import build_from_checkpoint
 
     dataset_cfg = OmegaConf.create(dict(config["dataset"]))
-    outside = [t for t in _targets(config["dataset"]["train"]) if not t.startswith("seg.data.")]
-    if outside:
-        raise IncomparableRuns(f"the runs' dataset config names foreign classes: {outside}")
-    dataset = build_dataset(dataset_cfg.train, transform=None, strict=False)
+    options = {"transform": None, "strict": False}
+    options.update(
+        {k: v for k, v in (("cache", None), ("generate", False)) if k in dataset_cfg.train}
+    )
+    dataset = build_from_checkpoint(dataset_cfg.train, "training dataset of the runs", **options)
     report = check_split(dataset, "train")
     return [int(v) for v in report.train_id_pixels[: int(dataset_cfg.num_classes)]]

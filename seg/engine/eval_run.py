@@ -37,7 +37,7 @@ from seg.cli import CONFIG_DIR, run_in_process
 from seg.data.loader import build_eval_loader
 from seg.engine.checkpoint import load_checkpoint
 from seg.engine.evaluator import Evaluator
-from seg.engine.load import load_inference_model
+from seg.engine.load import check_stored_config, load_inference_model
 from seg.engine.state import flatten
 from seg.errors import CheckpointError, ConfigError
 from seg.fileio import write_png, write_text_atomic
@@ -322,6 +322,8 @@ def run_eval(
     if save_pred is not None and save_pred not in SAVE_PRED_KINDS:
         raise ConfigError(f"save_pred must be one of {list(SAVE_PRED_KINDS)}, got {save_pred!r}")
     checkpoint = load_checkpoint(ckpt_path, map_location="cpu")
+    # The stored config is data: refuse planted targets and interpolations before merging it.
+    check_stored_config(checkpoint["config"], ckpt_path)
     preset_node = None
     if preset is not None:
         preset_node = OmegaConf.to_container(tool_cfg.eval, resolve=False)

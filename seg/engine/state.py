@@ -185,7 +185,8 @@ def restore_rng_state(state: Mapping[str, Any]) -> None:
 #: checkpoint intervals, TensorBoard images and the finite-loss check frequency only
 #: decide when things are written or read; the data order and augmentation depend on
 #: the seed and the sample's position, not on the number of loader workers
-#: (tests/test_resume.py). Everything else, ``trainer.max_iters`` included, must match.
+#: (tests/test_resume.py), and the decoded cache holds exactly the source files' pixels
+#: (tests/test_data_cache.py). Everything else, ``trainer.max_iters`` included, must match.
 RESULT_NEUTRAL_KEYS: tuple[str, ...] = (
     "resume",
     "trainer.log_interval",
@@ -193,6 +194,11 @@ RESULT_NEUTRAL_KEYS: tuple[str, ...] = (
     "trainer.num_vis_images",
     "trainer.check_finite_every_step",
     "loader.num_workers",
+    *(
+        f"dataset.{node}{key}"
+        for node in ("", "train.", "val.")
+        for key in ("cache", "cache_build")
+    ),
 )
 
 
