@@ -178,6 +178,6 @@ def test_check_dataset_reports_a_missing_synthcity_root_and_generates_nothing(tm
 
     root = tmp_path / "absent"
     assert main([f"dataset.root={root}"]) == 2
-    out = capsys.readouterr().out.strip()
-    assert len(out.splitlines()) == 1 and "does not exist" in out and "make_synthcity" in out, out
+    err = capsys.readouterr().err.strip()  # errors go to stderr (seg/cli.py)
+    assert len(err.splitlines()) == 1 and "does not exist" in err and "make_synthcity" in err, err
     assert not root.exists() and not list(tmp_path.iterdir())
