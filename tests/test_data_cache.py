@@ -283,4 +283,6 @@ def test_loader_benchmark_section_quick():
     keys = {(r["crop"][0], r["source"], r["pipeline"]) for r in section.records}
     assert len(section.records) == 8 and len(keys) == 8
     assert all(r["images_per_s_per_worker"] > 0 for r in section.records)
+    if Path("/proc/self/stat").exists():  # the worker's CPU time is read from /proc
+        assert all(r["images_per_worker_cpu_s"] > 0 for r in section.records)
     assert "cache" in section.markdown and "x png/old" in section.markdown

@@ -64,10 +64,12 @@ def measure_worker(
     """
     loader = build_train_loader(dataset, batch_size=1, num_workers=1, seed=0, pin_memory=False)
     batch_iter = iter(loader)
-    workers = getattr(batch_iter, "_workers", [])  # torch's private list of worker processes
-    pid = workers[0].pid if len(workers) == 1 else None
     for _ in range(warmup):
         next(batch_iter)
+    # Persistent workers: torch keeps its iterator (and its private list of worker processes)
+    # on the loader once the first batch is drawn.
+    workers = getattr(getattr(loader, "_iterator", None), "_workers", [])
+    pid = workers[0].pid if len(workers) == 1 else None
     for _ in range(3):  # prefetch_factor 2, plus the one in flight: already made, not timed
         next(batch_iter)
     start, cpu_start = time.perf_counter(), _cpu_seconds(pid) if pid else None
