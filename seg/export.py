@@ -32,6 +32,7 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
+from tqdm import tqdm
 
 from seg.engine.load import InferenceModel, load_inference_model
 from seg.errors import ConfigError, SegError, first_line
@@ -226,7 +227,9 @@ def check_onnx(
     generator = torch.Generator().manual_seed(seed)
     results = []
     model = model.eval()
-    for n, h, w in sizes:
+    # On a terminal only (tqdm's disable=None); erased when done.
+    checks = tqdm(sizes, desc="onnxruntime check", unit="shape", leave=False, disable=None)
+    for n, h, w in checks:
         images = torch.randn((n, 3, h, w), generator=generator)
         with torch.inference_mode():
             expected = model(images).float()

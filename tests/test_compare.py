@@ -267,7 +267,7 @@ def test_compare_on_joblib_survives_ctrl_c_and_writes_the_report(tmp_path: Path)
     assert report["command"].startswith("python tools/compare.py +experiment=synthcity_ohem")
     assert "loss=ohem,focal" in report["setup"]["sweep"]  # the sweep, as Hydra recorded it
     # All runs log under one TensorBoard root: the comparison folder.
-    runs_with_events = {p.parents[1].name for p in out.glob("*/tb/**/events.out.tfevents.*")}
+    runs_with_events = {p.parent.name for p in out.glob("*/events.out.tfevents.*")}
     assert runs_with_events == {"ohem-seed0", "focal-seed0"}
 
 

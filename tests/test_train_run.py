@@ -70,7 +70,7 @@ def weights_equal(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> boo
 
 def scalars(run_dir: Path, tag: str) -> list[float]:
     """The values of one TensorBoard scalar of a run, in step order."""
-    events = EventAccumulator(str(run_dir / "tb"), size_guidance={"scalars": 0})
+    events = EventAccumulator(str(run_dir), size_guidance={"scalars": 0})
     events.Reload()
     return [e.value for e in events.Scalars(tag)]
 
@@ -157,7 +157,7 @@ def test_training_lowers_the_loss_and_evaluates(trained: TrainResult) -> None:
     assert losses[-1] < 0.8 * losses[0] and losses[-1] < losses[1], losses
     assert 0.0 <= trained.metrics["mIoU"] <= 1.0 and len(trained.metrics["IoU"]) == 19
     for head in HEADS:  # OHEM on all five heads: each reports its kept fraction
-        kept = scalars(trained.run_dir, f"train/{head}/kept_fraction")
+        kept = scalars(trained.run_dir, f"train/stats/{head}/kept_fraction")
         assert all(0.0 < v <= 1.0 for v in kept)
 
 
@@ -205,24 +205,120 @@ def test_ctrl_c_saves_and_resume_is_exact(resumed: dict[str, Any]) -> None:
 def test_tensorboard_tags(trained: TrainResult) -> None:
     from tensorboard.plugins.hparams.plugin_data_pb2 import HParamsPluginData
 
-    events = EventAccumulator(str(trained.run_dir / "tb"))
+    # Events in the run folder itself: `tensorboard --logdir outputs` names the run
+    # synthcity_ohem/run (no tb/ level).
+    assert list(trained.run_dir.glob("events.out.tfevents.*"))
+    assert not (trained.run_dir / "tb").exists()
+    events = EventAccumulator(str(trained.run_dir))
     events.Reload()
     tags = events.Tags()
     scalar_tags = set(tags["scalars"])
-    expected = {"train/loss", "train/lr", "train/images_per_s", "val/mIoU", "val/mAcc", "val/aAcc"}
-    expected |= {f"train/loss/{h}" for h in HEADS} | {f"train/{h}/kept_fraction" for h in HEADS}
+    expected = {"train/loss", "train/lr", "train/speed/images_per_s", "val/mIoU", "val/mIoU_best"}
+    expected |= {"val_detail/mAcc", "val_detail/aAcc"}
+    expected |= {f"train/loss/{h}" for h in HEADS}
+    expected |= {f"train/stats/{h}/kept_fraction" for h in HEADS}
     assert expected <= scalar_tags, expected - scalar_tags
-    assert any(t.startswith("val/IoU/") for t in scalar_tags)
-    assert "hparam/mIoU" in scalar_tags
-    assert {"val/sample_0", "val/sample_1"} <= set(tags["images"])
+    # The first card of each open group: the total loss and the val mIoU (Time Series
+    # sorts by tag); detail, per-class IoU and the confusion matrix are in val_detail.
+    assert min(t for t in scalar_tags if t.startswith("train/")) == "train/loss"
+    assert min(t for t in {*scalar_tags, *tags["images"]} if t.startswith("val/")) == "val/mIoU"
+    assert any(t.startswith("val_detail/IoU/") for t in scalar_tags)
+    # Deliberate change: the HPARAMS tab reads val/mIoU etc., no single-point hparam/* cards.
+    assert not any(t.startswith("hparam/") for t in scalar_tags)
+    assert {"val/sample_0", "val/sample_1", "val_detail/confusion_matrix"} <= set(tags["images"])
     image = events.Images("val/sample_0")[0]
     assert image.width == 3 * 128 and image.height == 64  # input | truth | prediction
+    assert [e.step for e in events.Images("val_detail/confusion_matrix")] == [16, 32]
+    assert "config/text_summary" in tags["tensors"]
     hparams = events.PluginTagToContent("hparams")
     start = HParamsPluginData.FromString(hparams["_hparams_/session_start_info"]).session_start_info
     assert start.hparams["loss"].string_value == "ohem"
     assert start.hparams["lr"].number_value == pytest.approx(0.01)
     assert start.hparams["max_iters"].number_value == MAX_ITERS
+    experiment = HParamsPluginData.FromString(hparams["_hparams_/experiment"]).experiment
+    assert {"val/mIoU", "val/mIoU_best"} <= {m.name.tag for m in experiment.metric_infos}
+    assert "_hparams_/session_end_info" in hparams  # the run completed
     assert [s.step for s in events.Scalars("val/mIoU")] == [16, 32]
+    best = events.Scalars("val/mIoU_best")[-1].value
+    assert best == pytest.approx(trained.best_miou)
+
+
+def _same_metrics(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    """Equal mIoU and per-class IoU lists (NaN equal to NaN)."""
+    same_iou = all(
+        (math.isnan(x) and math.isnan(y)) or x == pytest.approx(y, abs=1e-12)
+        for x, y in zip(a["IoU"], b["IoU"], strict=True)
+    )
+    return same_iou and a["mIoU"] == pytest.approx(b["mIoU"], abs=1e-12)
+
+
+@pytest.mark.slow
+def test_accumulation_ema_and_snapshots_end_to_end(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """trainer.accumulate=2, trainer.ema.decay=0.9, trainer.keep_snapshots=2: the last two
+    snapshots are kept, evaluations score the EMA (and eval/predict/export load it), and a
+    run resumed from a snapshot ends with exactly the weights and the EMA of the original."""
+    overrides = [
+        *tiny_overrides(tmp_path / "synthcity"),
+        "trainer.max_iters=8",
+        "trainer.eval_interval=4",
+        "trainer.ckpt_interval=2",
+        "trainer.log_interval=2",
+        "trainer.accumulate=2",
+        "trainer.keep_snapshots=2",
+        "trainer.ema.decay=0.9",
+    ]
+    outputs = tmp_path / "outputs" / "default"
+    from seg.engine.evaluator import Evaluator
+
+    scored: list[bool] = []  # per periodic evaluation: was the model scored the EMA copy?
+    evaluate = Evaluator.evaluate
+
+    def recording(self: Evaluator, model: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
+        scored.append(not any(p.requires_grad for p in model.parameters()))
+        return evaluate(self, model, *args, **kwargs)
+
+    monkeypatch.setattr(Evaluator, "evaluate", recording)
+    result = run(compose_cfg(overrides), run_dir=outputs / "run")
+    monkeypatch.undo()
+    assert scored == [True, True]  # iterations 4 and 8: the EMA (no gradients), not the model
+    folder = result.run_dir / "checkpoints"
+    assert sorted(p.name for p in folder.iterdir()) == [
+        "best.pt",
+        "iter_000006.pt",
+        "iter_000008.pt",
+        "last.pt",
+    ]
+    last = load_checkpoint(folder / "last.pt", required_keys=CHECKPOINT_KEYS)
+    assert last["iteration"] == 8 and (last["ema"]["steps"], last["ema"]["updates"]) == (8, 8)
+    assert not weights_equal(last["ema"]["model"], last["model"])
+    log = (result.run_dir / "train.log").read_text()
+    assert "gradient accumulation: 2 micro-batches of 2 image(s)" in log
+    assert "eval (EMA) at iter 8" in log
+
+    # Inference (eval, predict, export) loads the EMA weights, whose metrics were stored.
+    ema_net = load_inference_model(folder / "last.pt")
+    assert ema_net.weights == "ema"
+    for key, value in ema_net.model.state_dict().items():
+        assert torch.equal(value, last["ema"]["model"][key]), key
+    assert load_inference_model(folder / "last.pt", ema=False).weights == "model"
+    cfg = compose_cfg(tiny_overrides(tmp_path / "synthcity"))
+    loader = torch.utils.data.DataLoader(build(cfg.dataset.val, "val"), batch_size=1)
+    metrics = build(cfg.eval, "evaluator").evaluate(ema_net.model, loader, "cpu", progress=False)
+    assert _same_metrics(metrics, last["metrics"]["val"])
+
+    # Resume from the iteration-6 snapshot (into the same run folder): exact EMA and weights.
+    resumed = run(
+        compose_cfg([*overrides, f"resume={folder / 'iter_000006.pt'}"]),
+        run_dir=outputs / "resumed",
+    )
+    assert resumed.run_dir == result.run_dir and resumed.iteration == 8
+    again = load_checkpoint(folder / "last.pt", required_keys=CHECKPOINT_KEYS)
+    assert weights_equal(again["model"], last["model"])
+    assert weights_equal(again["ema"]["model"], last["ema"]["model"])
+    assert again["ema"]["updates"] == 8
+    assert again["metrics"]["val"]["mIoU"] == last["metrics"]["val"]["mIoU"]
 
 
 class PoisonedLoss(torch.nn.Module):
@@ -328,7 +424,8 @@ def test_cli_run_dir_layout(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr[-2000:]
     (run_dir,) = (tmp_path / "outputs" / "synthcity_ce").iterdir()
     names = {p.name for p in run_dir.iterdir()}
-    assert {".hydra", "train.log", "tb", "checkpoints"} <= names
+    assert {".hydra", "train.log", "checkpoints"} <= names
+    assert any(name.startswith("events.out.tfevents.") for name in names)
     assert {p.name for p in (run_dir / "checkpoints").iterdir()} >= {"last.pt"}
     log = (run_dir / "train.log").read_text()
     assert "iter 2/2" in log and "eval at iter 2" in log

@@ -16,7 +16,7 @@ seed spread as such.
 
 Layout of a comparison folder (a sweep folder)::
 
-    <loss>-seed<seed>/             one training run each (.hydra/, train.log, tb/, checkpoints/)
+    <loss>-seed<seed>/             one training run each (.hydra/, train.log, TensorBoard events, checkpoints/)
     multirun.yaml                  Hydra's record of the sweep
     report.md, report.json         the report
     miou_curves.png, class_iou.png the plots

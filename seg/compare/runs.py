@@ -3,7 +3,7 @@
 A sweep folder is what ``tools/train.py -m ... loss=A,B seed=0,1`` writes (any launcher,
 any machine): one job folder per run (``<loss>-seed<seed>/`` by default, but any
 ``hydra.sweep.subdir`` works: loss and seed are read from each run's stored config),
-each with ``checkpoints/last.pt`` and ``tb/``, plus Hydra's ``multirun.yaml``.
+each with ``checkpoints/last.pt`` and TensorBoard event files, plus Hydra's ``multirun.yaml``.
 
 Runs are compared only when they are one budget: every run finished
 (``iteration == trainer.max_iters`` of its config) and their stored configs are equal
@@ -172,12 +172,12 @@ def _select_grid(
     return chosen, want_losses, want_seeds
 
 
-def read_scalars(tb_dir: Path, tags: Sequence[str]) -> dict[str, list[tuple[int, float]]]:
-    """``{tag: [(step, value), ...]}`` from the TensorBoard event files under ``tb_dir``."""
+def read_scalars(run_dir: Path, tags: Sequence[str]) -> dict[str, list[tuple[int, float]]]:
+    """``{tag: [(step, value), ...]}`` from the TensorBoard event files in ``run_dir``."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     out: dict[str, list[tuple[int, float]]] = {tag: [] for tag in tags}
-    for events in sorted(tb_dir.rglob("events.out.tfevents.*")):
+    for events in sorted(run_dir.glob("events.out.tfevents.*")):
         accumulator = EventAccumulator(str(events), size_guidance={"scalars": 0})
         accumulator.Reload()
         available = set(accumulator.Tags().get("scalars", []))
@@ -196,9 +196,11 @@ def read_run(run: _Run) -> RunResult:
         raise IncomparableRuns(
             f"run {run.name} has no evaluation in {run.folder}/checkpoints/last.pt"
         )
-    batch_size = int(run.config["loader"]["batch_size"])
-    scalars = read_scalars(run.folder / "tb", ["val/mIoU", "train/images_per_s"])
-    speeds = [v for _, v in scalars["train/images_per_s"] if v > 0]
+    # Images per optimizer step: the micro-batch times the accumulation steps.
+    accumulate = int((run.config.get("trainer") or {}).get("accumulate", 1) or 1)
+    batch_size = int(run.config["loader"]["batch_size"]) * accumulate
+    scalars = read_scalars(run.folder, ["val/mIoU", "train/speed/images_per_s"])
+    speeds = [v for _, v in scalars["train/speed/images_per_s"] if v > 0]
     seconds_per_iter = batch_size / statistics.median(speeds) if speeds else math.nan
     return RunResult(
         loss=run.loss,

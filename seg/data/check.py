@@ -23,6 +23,7 @@ import numpy as np
 from hydra import compose, initialize_config_dir
 from hydra.errors import HydraException
 from omegaconf import DictConfig
+from tqdm import tqdm
 
 from seg.tables import markdown_table
 from seg.data.folder import PairedDataset
@@ -75,7 +76,8 @@ def check_split(dataset: PairedDataset, name: str) -> SplitReport:
     """Read every pair of ``dataset`` (built with ``strict=False``) and collect findings."""
     report = SplitReport(name=name, images=len(dataset) + len(dataset.problems))
     report.bad_files += dataset.problems
-    for index in range(len(dataset)):
+    # On a terminal only (tqdm's disable=None): logs and pipes get the report alone.
+    for index in tqdm(range(len(dataset)), desc=f"check {name}", unit="image", disable=None):
         label_path = dataset.pairs[index][1]
         try:
             image, raw = dataset.load_raw(index)

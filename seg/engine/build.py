@@ -23,6 +23,7 @@ from seg import dist
 from seg.data.build import build_dataset
 from seg.data.loader import build_eval_loader, build_train_loader
 from seg.engine.amp import AmpSettings, build_grad_scaler, resolve_amp
+from seg.engine.ema import EmaSettings, ModelEma
 from seg.engine.step import TrainStep
 from seg.errors import ConfigError
 from seg.instantiate import build
@@ -36,8 +37,10 @@ logger = logging.getLogger("seg.train")
 class TrainSettings:
     """The checked plain settings of a run (``trainer.*``, ``loader.*``, ``seed``).
 
-    Intervals count iterations. ``batch_per_rank`` is ``loader.batch_size`` (the global
-    batch) divided by the number of processes.
+    Intervals count iterations, i.e. optimizer steps. ``batch_per_rank`` is
+    ``loader.batch_size`` (the images of one forward pass over all processes) divided by
+    the number of processes; each optimizer step accumulates gradients over
+    ``accumulate`` such micro-batches (see :attr:`global_batch`).
     """
 
     max_iters: int
@@ -57,10 +60,15 @@ class TrainSettings:
     num_workers: int
     rank: int
     world_size: int
+    accumulate: int = 1
+    keep_snapshots: int = 0
+    ema: EmaSettings | None = None
 
     @property
     def global_batch(self) -> int:
-        return self.batch_per_rank * self.world_size
+        """Images per optimizer step: ``loader.batch_size x trainer.accumulate``
+        (= per-process micro-batch x accumulate x world size)."""
+        return self.batch_per_rank * self.world_size * self.accumulate
 
 
 def _auto_or_bool(setting: Any, key: str) -> bool | None:
@@ -93,12 +101,36 @@ def use_cudnn_benchmark(setting: Any, device: torch.device) -> bool:
     return device.type == "cuda" and choice is not False
 
 
+def ema_settings(node: Any) -> EmaSettings | None:
+    """``trainer.ema``: None (or ``decay: null``) for off, else the checked settings."""
+    if node is None:
+        return None
+    if not isinstance(node, DictConfig | dict):
+        raise ConfigError(
+            f"trainer.ema must be null or {{decay: D, every: N, warmup: true|false}}, got {node!r}"
+        )
+    unknown = set(node) - {"decay", "every", "warmup"}
+    if unknown:
+        raise ConfigError(f"trainer.ema has unknown keys {sorted(unknown)} (decay, every, warmup)")
+    decay = node.get("decay")
+    if decay is None:
+        return None
+    if isinstance(decay, bool) or not isinstance(decay, int | float) or not 0 < decay < 1:
+        raise ConfigError(f"trainer.ema.decay must be a number in (0, 1), got {decay!r}")
+    return EmaSettings(
+        decay=float(decay),
+        every=int_setting(node.get("every", 1), "trainer.ema.every", minimum=1),
+        warmup=bool_setting(node.get("warmup", True), "trainer.ema.warmup"),
+    )
+
+
 def per_rank_batch(batch_size: int, world_size: int) -> int:
-    """``loader.batch_size`` is the global batch; each of ``world_size`` ranks takes a share."""
+    """``loader.batch_size`` is the batch of one forward pass over all processes; each of
+    ``world_size`` ranks takes a share."""
     if batch_size < 1 or batch_size % world_size:
         raise ConfigError(
             f"loader.batch_size={batch_size} must be a positive multiple of the number of "
-            f"processes ({world_size}): it is the global batch, split evenly over them"
+            f"processes ({world_size}): it is split evenly over them"
         )
     return batch_size // world_size
 
@@ -135,6 +167,11 @@ def parse_settings(cfg: DictConfig) -> TrainSettings:
         num_workers=int_setting(cfg.loader.get("num_workers", 0), "loader.num_workers", minimum=0),
         rank=dist.get_rank(),
         world_size=world_size,
+        accumulate=int_setting(trainer.get("accumulate", 1), "trainer.accumulate", minimum=1),
+        keep_snapshots=int_setting(
+            trainer.get("keep_snapshots", 0), "trainer.keep_snapshots", minimum=0
+        ),
+        ema=ema_settings(trainer.get("ema")),
     )
 
 
@@ -177,6 +214,8 @@ def hyper_parameters(cfg: DictConfig, settings: TrainSettings) -> dict[str, Any]
         "momentum": pick("optim.momentum"),
         "weight_decay": pick("optim.weight_decay"),
         "batch_size": settings.global_batch,
+        "accumulate": settings.accumulate,
+        "ema_decay": settings.ema.decay if settings.ema is not None else 0.0,
         "crop_size": str(list(pick("dataset.crop_size", []) or [])),
         "max_iters": settings.max_iters,
         "warmup_iters": pick("schedule.warmup_iters"),
@@ -194,7 +233,8 @@ class TrainParts:
     Attributes:
         settings: the checked plain settings.
         model: the bare model on its device (its ``state_dict`` goes into checkpoints).
-        step: the training step (calls a DDP-wrapped or compiled ``model`` when asked).
+        step: the training step (calls a DDP-wrapped or compiled ``model`` when asked;
+            holds the EMA of the weights, ``step.ema``, when ``trainer.ema`` is on).
         evaluator: the periodic evaluation (``seg.engine.evaluator.Evaluator``).
         train_loader: endless loader positioned at the start iteration.
         val_loader: this rank's shard of the validation split.
@@ -213,6 +253,11 @@ class TrainParts:
     class_names: list[str]
     palette: list[list[int]]
     hparams: dict[str, Any]
+
+    @property
+    def eval_model(self) -> nn.Module:
+        """What evaluations score: the EMA of the weights when ``trainer.ema`` is on."""
+        return self.step.ema.model if self.step.ema is not None else self.model
 
 
 def prepare_model(model: nn.Module, device: torch.device, channels_last: bool) -> nn.Module:
@@ -237,7 +282,11 @@ def build_parts(
     datasets: tuple[Dataset, Dataset],
     start_iter: int = 0,
 ) -> TrainParts:
-    """Build the model, optimizer, schedule, loss, evaluator, step and loaders of ``cfg``."""
+    """Build the model, optimizer, schedule, loss, evaluator, step and loaders of ``cfg``.
+
+    ``start_iter``: the iteration training starts at (a resumed run); the loader skips the
+    ``start_iter x accumulate`` micro-batches an uninterrupted run would have used.
+    """
     device = settings.device
     torch.backends.cudnn.benchmark = settings.cudnn_benchmark
     model = prepare_model(build(cfg.model, "model"), device, settings.channels_last)
@@ -245,11 +294,14 @@ def build_parts(
     scheduler = build(cfg.schedule, "LR schedule", optimizer=optimizer)
     criterion = build(cfg.loss, "loss").to(device)
     evaluator = build(cfg.eval, "evaluator")
+    ema = ModelEma(model, settings.ema) if settings.ema is not None else None
     forward: nn.Module = model
+    ddp = None
     if settings.world_size > 1:
-        forward = DistributedDataParallel(
+        ddp = DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None
         )
+        forward = ddp
     if settings.compile:
         forward = torch.compile(forward)
     step = TrainStep(
@@ -264,6 +316,8 @@ def build_parts(
         device=device,
         channels_last=settings.channels_last,
         buffers_of=[model, criterion],
+        no_sync=ddp.no_sync if ddp is not None else None,
+        ema=ema,
     )
     train_set, val_set = datasets
     train_loader = build_train_loader(
@@ -273,7 +327,7 @@ def build_parts(
         seed=settings.seed,
         rank=settings.rank,
         world_size=settings.world_size,
-        start_iter=start_iter,
+        start_iter=start_iter * settings.accumulate,
     )
     val_loader = build_eval_loader(
         val_set,
@@ -282,6 +336,22 @@ def build_parts(
         rank=settings.rank,
         world_size=settings.world_size,
     )
+    if settings.accumulate > 1:
+        logger.info(
+            "gradient accumulation: %d micro-batches of %d image(s) per process per optimizer "
+            "step (%d images per step over %d process(es))",
+            settings.accumulate,
+            settings.batch_per_rank,
+            settings.global_batch,
+            settings.world_size,
+        )
+    if ema is not None:
+        logger.info(
+            "EMA of the weights: decay %g, every %d step(s)%s; evaluations use it",
+            settings.ema.decay,
+            settings.ema.every,
+            ", warm-up" if settings.ema.warmup else "",
+        )
     logger.debug(
         "built %s (%d parameter groups), %s, %d train / %d val images",
         type(model).__name__,

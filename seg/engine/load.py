@@ -6,6 +6,9 @@ allow-list of ``seg.instantiate`` (every ``_target_`` of the stored config is ch
 so that a checkpoint cannot make the loader import or call anything else), without its
 auxiliary heads and without pretrained-weight files (the checkpoint holds every weight),
 its weights are loaded strictly (aux-head entries dropped), and it is put in eval mode.
+A checkpoint of a run with ``trainer.ema`` on holds the moving average of the weights
+(``"ema"``); those are the weights its evaluations scored, and they are loaded instead of
+the raw ones unless ``ema=False``.
 The dataset facts a user of the model needs (class count and names, palette, the RGB
 normalisation) come from ``config["dataset"]`` and are checked here, once.
 """
@@ -51,6 +54,7 @@ class InferenceModel:
     config: dict[str, Any]
     device: torch.device
     path: Path
+    weights: str = "model"  # "ema": the checkpoint's moving average of the weights
 
 
 def dataset_info(config: Mapping[str, Any], path: Path) -> dict[str, Any]:
@@ -218,6 +222,7 @@ def load_inference_model(
     *,
     checkpoint: Mapping[str, Any] | None = None,
     config: Mapping[str, Any] | None = None,
+    ema: bool = True,
 ) -> InferenceModel:
     """Load ``path`` and return its model in eval mode on ``device``, aux heads dropped.
 
@@ -227,6 +232,7 @@ def load_inference_model(
         checkpoint: the file's contents when the caller has read it already.
         config: the config to build from, when the caller changed the stored one (the
             evaluation tool's overrides); defaults to ``checkpoint["config"]``.
+        ema: load the EMA weights when the checkpoint has them (False: the raw weights).
     """
     path = Path(path)
     device = dist.resolve_device(device) if isinstance(device, str) else device
@@ -240,6 +246,14 @@ def load_inference_model(
     check_class_count(config, path)
     info = dataset_info(config, path)
     model = build_inference_model(config.get("model"), path)
-    load_into(model, checkpoint["model"], f"checkpoint {path}")
+    weights, state, source = "model", checkpoint["model"], f"checkpoint {path}"
+    averaged = checkpoint.get("ema") if ema else None
+    if averaged is not None:
+        if not isinstance(averaged, Mapping) or not isinstance(averaged.get("model"), Mapping):
+            raise CheckpointError(f"checkpoint {path}: 'ema' holds no 'model' state dict")
+        weights, state, source = "ema", averaged["model"], f"checkpoint {path} (EMA weights)"
+    load_into(model, state, source)
     model.eval().to(device)
-    return InferenceModel(model=model, config=config, device=device, path=path, **info)
+    return InferenceModel(
+        model=model, config=config, device=device, path=path, weights=weights, **info
+    )

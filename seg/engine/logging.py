@@ -1,16 +1,26 @@
-"""What a training run reports: ``train.log``, the tqdm bar, and TensorBoard.
+"""What a training run reports: ``train.log``, the progress bars, and TensorBoard.
 
 Only rank 0 reports. Other ranks log warnings to the console and write no files.
 
-TensorBoard tags (under ``<run dir>/tb``):
+TensorBoard. Events go into the run folder itself, so that ``tensorboard --logdir
+outputs`` names a run ``<experiment>/<timestamp>`` (and ``<loss>-seed<n>`` inside a
+comparison folder); a resumed run appends to the same run. Tags are laid out for the
+Time Series view, which sorts groups (the part before the first ``/``) and the cards in
+them alphabetically and opens the first two groups only:
 
-- ``train/loss`` (weighted total), ``train/loss/<head>`` (each head's loss),
-  ``train/<head>/<stat>`` (loss statistics, e.g. ``train/main/kept_fraction`` for OHEM),
-  ``train/lr``, ``train/images_per_s``, ``train/nonfinite_steps``;
-- ``val/mIoU``, ``val/mAcc``, ``val/aAcc``, ``val/fwIoU``, ``val/IoU/<class>``;
-- images ``val/sample_<i>``: input | ground truth | prediction, in the dataset's colours;
-- the hyper-parameters with the final metrics (TensorBoard's HPARAMS tab,
-  metric tags ``hparam/*``).
+- ``train`` (open): ``train/loss`` (weighted total) first, then ``train/loss/<head>``,
+  ``train/lr``, ``train/nonfinite_steps``, ``train/speed/images_per_s`` and the loss
+  statistics ``train/stats/<head>/<stat>`` (e.g. OHEM's ``kept_fraction``);
+- ``val`` (open): ``val/mIoU`` first, ``val/mIoU_best`` (best so far), and the images
+  ``val/sample_<i>``: input | ground truth | prediction, in the dataset's colours;
+- ``val_detail`` (closed): ``val_detail/mAcc``, ``val_detail/aAcc``, ``val_detail/fwIoU``,
+  the per-class IoU ``val_detail/IoU/<class>`` and the image
+  ``val_detail/confusion_matrix`` (rows: ground truth, normalised; IoU per class).
+
+The HPARAMS tab lists the run's hyper-parameters (written when the run starts) with
+metrics read from the scalars above (``val/mIoU``, ``val/mIoU_best``, ``train/loss``...),
+so they follow each evaluation and an interrupted run has them too. The TEXT tab holds the
+composed config (``config``).
 """
 
 from __future__ import annotations
@@ -18,15 +28,17 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence, Sized
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
+from seg.metrics import ConfusionMatrix
 from seg.visualize import colorize
 
 logger = logging.getLogger("seg.train")
@@ -72,7 +84,9 @@ def run_logging(log_file: Path | None, is_main: bool) -> Iterator[logging.Logger
 
 
 def progress_bar(total: int, initial: int, enabled: bool) -> tqdm:
-    """The iteration bar: position ``initial`` of ``total``; tqdm shows the rate and ETA."""
+    """The iteration bar: position ``initial`` of ``total``; tqdm shows the rate and ETA.
+
+    It sits on the first line; an evaluation's bar appears below it while it runs."""
     return tqdm(
         total=total,
         initial=initial,
@@ -80,6 +94,7 @@ def progress_bar(total: int, initial: int, enabled: bool) -> tqdm:
         unit="it",
         dynamic_ncols=True,
         desc="train",
+        position=0,
     )
 
 
@@ -133,35 +148,65 @@ class TensorBoardLog:
         for name, value in values.items():
             self.writer.add_scalar(f"{prefix}{name}", value, step)
 
-    def evaluation(self, metrics: Mapping[str, Any], class_names: Sequence[str], step: int) -> None:
-        """``val/mIoU`` ... and ``val/IoU/<class>`` (NaN IoUs, classes never seen, are left out)."""
+    def evaluation(
+        self,
+        metrics: Mapping[str, Any],
+        class_names: Sequence[str],
+        step: int,
+        best_miou: float | None = None,
+    ) -> None:
+        """``val/mIoU``, ``val/mIoU_best``, ``val_detail/<metric>`` and the per-class IoU
+        ``val_detail/IoU/<class>`` (NaN IoUs, classes never seen, are left out)."""
         if self.writer is None:
             return
-        for key in ("mIoU", "mAcc", "aAcc", "fwIoU"):
+        if "mIoU" in metrics:
+            self.writer.add_scalar(MIOU_TAG, float(metrics["mIoU"]), step)
+        if best_miou is not None and math.isfinite(best_miou):
+            self.writer.add_scalar(BEST_MIOU_TAG, best_miou, step)
+        for key in ("mAcc", "aAcc", "fwIoU"):
             if key in metrics:
-                self.writer.add_scalar(f"val/{key}", float(metrics[key]), step)
+                self.writer.add_scalar(f"val_detail/{key}", float(metrics[key]), step)
         for name, iou in zip(class_names, metrics.get("IoU", []), strict=False):
             if iou is not None and not math.isnan(float(iou)):
-                self.writer.add_scalar(f"val/IoU/{name}", float(iou), step)
+                self.writer.add_scalar(f"val_detail/IoU/{name}", float(iou), step)
 
-    def panels(self, panels: Sequence[np.ndarray], step: int) -> None:
-        """Images ``val/sample_<i>`` (H x W x 3 uint8 each)."""
-        if self.writer is None:
-            return
-        for index, panel in enumerate(panels):
-            self.writer.add_image(f"val/sample_{index}", panel, step, dataformats="HWC")
+    def image(self, tag: str, image: np.ndarray, step: int) -> None:
+        """One H x W x 3 uint8 image."""
+        if self.writer is not None:
+            self.writer.add_image(tag, image, step, dataformats="HWC")
 
-    def hparams(self, params: Mapping[str, Any], metrics: Mapping[str, float]) -> None:
-        """The run's hyper-parameters with its final metrics (HPARAMS tab).
+    def text(self, tag: str, markdown: str, step: int) -> None:
+        if self.writer is not None:
+            self.writer.add_text(tag, markdown, step)
 
-        Written into the same folder (``run_name="."``) so that one run is one entry.
+    def session_start(self, params: Mapping[str, Any]) -> None:
+        """The HPARAMS tab's entry for this run: ``params`` and the metric tags it shows.
+
+        The tab reads each metric's latest value from the run's scalars, so nothing is
+        written for the metrics here and they follow every evaluation.
         """
         if self.writer is None:
             return
+        from torch.utils.tensorboard.summary import hparams
+
         clean = {
-            k: v if isinstance(v, int | float | str | bool) else str(v) for k, v in params.items()
+            k: v if isinstance(v, int | float | str | bool) else str(v)
+            for k, v in params.items()
+            if v is not None
         }
-        self.writer.add_hparams(clean, dict(metrics), run_name=".")
+        experiment, start, _ = hparams(clean, dict.fromkeys(HPARAM_METRICS, 0.0))
+        self.writer.file_writer.add_summary(_flag_headline(experiment))
+        self.writer.file_writer.add_summary(start)
+        self.writer.flush()
+
+    def session_end(self) -> None:
+        """Mark the HPARAMS entry finished (status success)."""
+        if self.writer is None:
+            return
+        from torch.utils.tensorboard.summary import hparams
+
+        _, _, end = hparams({}, {})
+        self.writer.file_writer.add_summary(end)
 
     def flush(self) -> None:
         if self.writer is not None:
@@ -173,15 +218,71 @@ class TensorBoardLog:
             self.writer = None
 
 
-class PanelCollector:
-    """An evaluation ``on_prediction`` sink keeping the first ``limit`` panels
-    (input | ground truth | prediction) for TensorBoard."""
+#: Metrics beside the hyper-parameters in the HPARAMS tab (latest value of each scalar).
+MIOU_TAG = "val/mIoU"
+BEST_MIOU_TAG = "val/mIoU_best"
+HPARAM_METRICS = (MIOU_TAG, BEST_MIOU_TAG, "val_detail/mAcc", "val_detail/aAcc", "train/loss")
+METRIC_NAMES = {
+    MIOU_TAG: "mIoU (last eval)",
+    BEST_MIOU_TAG: "best mIoU",
+    "val_detail/mAcc": "mAcc (last eval)",
+    "val_detail/aAcc": "aAcc (last eval)",
+    "train/loss": "train loss (last)",
+}
 
-    def __init__(self, limit: int, palette: Sequence[Sequence[int]]) -> None:
+
+#: Hyper-parameters the HPARAMS tab shows before the others (it shows five at first).
+HEADLINE_HPARAMS = ("experiment", "loss", "lr", "batch_size", "seed")
+
+
+def _flag_headline(experiment: Any) -> Any:
+    """Mark :data:`HEADLINE_HPARAMS` in torch's experiment summary so that TensorBoard lists
+    them first (it sorts by the ``differs`` flag, then by name), and name the metrics."""
+    from tensorboard.plugins.hparams.plugin_data_pb2 import HParamsPluginData
+
+    metadata = experiment.value[0].metadata.plugin_data
+    data = HParamsPluginData.FromString(metadata.content)
+    for info in data.experiment.hparam_infos:
+        info.differs = info.name in HEADLINE_HPARAMS
+    for info in data.experiment.metric_infos:
+        info.display_name = METRIC_NAMES.get(info.name.tag, info.name.tag)
+    metadata.content = data.SerializeToString()
+    return experiment
+
+
+def train_tag(name: str) -> str:
+    """TensorBoard tag of a training value: ``loss``, ``loss/<head>``, ``lr`` and
+    ``nonfinite_steps`` keep their name, ``images_per_s`` goes under ``speed/`` and loss
+    statistics (``<head>/<stat>``) under ``stats/``, so that ``train/loss`` is the first card."""
+    if name == "images_per_s":
+        return "train/speed/images_per_s"
+    if name == "loss" or name.startswith("loss/") or "/" not in name:
+        return f"train/{name}"
+    return f"train/stats/{name}"
+
+
+class EvalCollector:
+    """An evaluation ``on_prediction`` sink: the first ``limit`` panels (input | ground
+    truth | prediction, rank 0 only) and the confusion matrix of this rank's shard.
+
+    Call :meth:`finish` on every rank after the evaluation: it sums the matrices over the
+    DDP ranks (a collective).
+    """
+
+    def __init__(
+        self,
+        limit: int,
+        palette: Sequence[Sequence[int]],
+        num_classes: int,
+        ignore_index: int,
+        device: torch.device,
+    ) -> None:
         self.limit, self.palette = limit, palette
         self.panels: list[np.ndarray] = []
+        self.confusion = ConfusionMatrix(num_classes, ignore_index, device=device)
 
-    def __call__(self, batch: Mapping[str, Any], pred: Any) -> None:
+    def __call__(self, batch: Mapping[str, Any], pred: torch.Tensor) -> None:
+        self.confusion.update(pred, batch["label"].to(pred.device, non_blocking=True).long())
         if len(self.panels) >= self.limit:
             return
         preds = pred.to("cpu").numpy()
@@ -189,19 +290,24 @@ class PanelCollector:
             image, label = batch["image"][i].numpy(), batch["label"][i].numpy()
             self.panels.append(label_panel(image, label, preds[i], self.palette))
 
+    def finish(self) -> torch.Tensor:
+        """The C x C matrix (rows: ground truth, columns: prediction) over all ranks."""
+        self.confusion.all_reduce()
+        return self.confusion.matrix
+
 
 class RunLog:
-    """What a training run reports, kept out of the loop: the bar, train.log, TensorBoard.
+    """What a training run reports, kept out of the loop: the bars, train.log, TensorBoard.
 
     Only rank 0 writes (``is_main``); elsewhere every method is a cheap no-op apart from
-    the bar, which is disabled.
+    the bars, which are disabled.
 
     Args:
-        run_dir: TensorBoard events go to ``run_dir/tb``.
+        run_dir: TensorBoard events go into this folder (the run is named after it).
         max_iters, start: the bar's total and starting position.
-        global_batch: images per iteration over all ranks (for images/s).
-        class_names, palette: per-class IoU tags and coloured panels.
-        hparams: the flat summary for TensorBoard's HPARAMS tab.
+        global_batch: images per iteration (optimizer step) over all ranks (for images/s).
+        class_names, palette: per-class IoU tags, confusion matrix and coloured panels.
+        hparams: the flat summary for TensorBoard's HPARAMS tab (written at once).
         is_main: rank 0.
     """
 
@@ -220,7 +326,8 @@ class RunLog:
         self.max_iters, self.global_batch = max_iters, global_batch
         self.class_names, self.palette = list(class_names), [list(c) for c in palette]
         self.hparams, self.is_main = dict(hparams), is_main
-        self.tb = TensorBoardLog(run_dir / "tb" if is_main else None)
+        self.tb = TensorBoardLog(run_dir if is_main else None)
+        self.tb.session_start(self.hparams)
         self.bar = progress_bar(max_iters, start, is_main)
         self.restart_clock(start)
 
@@ -231,6 +338,14 @@ class RunLog:
     def step(self) -> None:
         self.bar.update(1)
 
+    def config(self, config: Mapping[str, Any], iteration: int) -> None:
+        """The composed config as text (TEXT tab, tag ``config``), once per (re)start."""
+        from omegaconf import OmegaConf
+
+        text = OmegaConf.to_yaml(OmegaConf.create(dict(config)))
+        # Indented by four spaces: a Markdown code block, shown as written.
+        self.tb.text("config", "\n".join(f"    {line}" for line in text.splitlines()), iteration)
+
     def train(self, iteration: int, values: dict[str, float], lr: float) -> None:
         """Report the means since the last call (``RunningStats.flush``) at ``iteration``."""
         elapsed = max(time.perf_counter() - self._clock, 1e-9)
@@ -238,9 +353,8 @@ class RunLog:
         self.restart_clock(iteration)
         values = {**values, "lr": lr, "images_per_s": speed}
         self.tb.scalars(
-            {k: v for k, v in values.items() if k != "max_nonfinite_streak"},
+            {train_tag(k): v for k, v in values.items() if k != "max_nonfinite_streak"},
             iteration,
-            prefix="train/",
         )
         self.bar.set_postfix(loss=f"{values['loss']:.4f}", lr=f"{lr:.2e}", img_s=f"{speed:.1f}")
         heads = " ".join(
@@ -259,28 +373,60 @@ class RunLog:
             int(values["nonfinite_steps"]),
         )
 
-    def panel_collector(self, limit: int) -> PanelCollector:
-        """A sink for the evaluation's predictions (collects nothing on ranks > 0)."""
-        return PanelCollector(limit if self.is_main else 0, self.palette)
+    def eval_progress(self, loader: Iterable[Any], description: str) -> Iterable[Any]:
+        """``loader`` wrapped in a bar nested under the training bar, erased when done."""
+        total = len(loader) if isinstance(loader, Sized) else None
+        return tqdm(
+            loader,
+            total=total,
+            desc=description,
+            unit="batch",
+            position=1,
+            leave=False,
+            dynamic_ncols=True,
+            disable=not self.is_main,
+        )
+
+    def eval_collector(
+        self, limit: int, num_classes: int, ignore_index: int, device: torch.device
+    ) -> EvalCollector:
+        """A sink for the evaluation's predictions (panels are kept on rank 0 only)."""
+        return EvalCollector(
+            limit if self.is_main else 0, self.palette, num_classes, ignore_index, device
+        )
 
     def evaluation(
-        self, iteration: int, metrics: Mapping[str, Any], panels: Sequence[np.ndarray]
+        self,
+        iteration: int,
+        metrics: Mapping[str, Any],
+        panels: Sequence[np.ndarray],
+        confusion: torch.Tensor | None = None,
+        best_miou: float | None = None,
+        what: str = "model",
     ) -> None:
-        """``val/*`` scalars, per-class IoU, panels, and the log line."""
-        self.tb.evaluation(metrics, self.class_names, iteration)
-        self.tb.panels(panels, iteration)
+        """Scalars, per-class IoU, panels, the confusion matrix, and the log line."""
+        self.tb.evaluation(metrics, self.class_names, iteration, best_miou)
+        for index, panel in enumerate(panels):
+            self.tb.image(f"val/sample_{index}", panel, iteration)
+        if confusion is not None and self.tb.writer is not None:
+            from seg.engine.confusion_plot import confusion_image
+
+            title = f"{what} at iteration {iteration}: rows ground truth (normalised)"
+            image = confusion_image(confusion, self.class_names, metrics.get("IoU"), title)
+            self.tb.image("val_detail/confusion_matrix", image, iteration)
         self.tb.flush()
         logger.info(
-            "eval at iter %d | mIoU %.2f | mAcc %.2f | aAcc %.2f",
+            "eval (%s) at iter %d | mIoU %.2f | mAcc %.2f | aAcc %.2f",
+            what,
             iteration,
             100 * float(metrics["mIoU"]),
             100 * float(metrics["mAcc"]),
             100 * float(metrics["aAcc"]),
         )
 
-    def close(self, final_metrics: Mapping[str, float] | None) -> None:
-        """Close the bar and TensorBoard; ``final_metrics`` go to the HPARAMS tab."""
+    def close(self, completed: bool) -> None:
+        """Close the bar and TensorBoard; a ``completed`` run is marked so in HPARAMS."""
         self.bar.close()
-        if final_metrics:
-            self.tb.hparams(self.hparams, final_metrics)
+        if completed:
+            self.tb.session_end()
         self.tb.close()

@@ -1,12 +1,20 @@
 """The training loop: steps, periodic evaluation, checkpoints, clean stops.
 
-:func:`fit` reads top to bottom like one iteration of training. The only host-device
-syncs are at the log interval (reading the running sums), at evaluations and checkpoints.
+:func:`fit` reads top to bottom like one iteration of training. An iteration is one
+optimizer step over ``trainer.accumulate`` micro-batches. The only host-device syncs are
+at the log interval (reading the running sums), at evaluations and checkpoints.
+
+Checkpoints: ``checkpoints/last.pt`` every ``ckpt_interval`` iterations and at the end,
+``best.pt`` when an evaluation's mIoU beats the best so far, and with
+``trainer.keep_snapshots=N`` the last N iteration snapshots ``iter_<iteration>.pt``
+(written at the ``last.pt`` times; an older one is deleted only once the new one is
+complete on disk).
 """
 
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -24,6 +32,8 @@ from seg.engine.step import RunningStats
 from seg.errors import CheckpointError, SegError, log_to_files
 
 logger = logging.getLogger("seg.train")
+
+SNAPSHOT_PATTERN = re.compile(r"iter_(\d+)\.pt")
 
 
 class NonFiniteLossError(SegError):
@@ -50,6 +60,7 @@ def fit(
     s = parts.settings
     stats = RunningStats(s.device, state.nonfinite_steps, state.nonfinite_streak)
     check_every = 1 if s.check_finite_every_step else s.log_interval
+    log.config(parts.config, state.iteration)
     # Handlers first: the loader workers forked by iter() inherit them (and ignore signals).
     with StopSignals() as stop:
         data = iter(parts.train_loader)
@@ -57,7 +68,7 @@ def fit(
             restore_rng_state(rng)
         parts.model.train()
         while state.iteration < s.max_iters:
-            out = parts.step(next(data))
+            out = parts.step([next(data) for _ in range(s.accumulate)])
             stats.add(out)
             state.iteration += 1
             it = state.iteration
@@ -81,7 +92,7 @@ def fit(
             if it % s.eval_interval == 0 or final:
                 evaluate(parts, state, stats, run_dir, log)
             if it % s.ckpt_interval == 0 or final:
-                save(parts, state, stats, run_dir, "last.pt")
+                save(parts, state, stats, run_dir, "last.pt", snapshot=True)
                 log.restart_clock(it)
             if stop.agreed(log_now, s.device) and not final:
                 path = save(parts, state, stats, run_dir, "last.pt")
@@ -96,20 +107,29 @@ def fit(
 def evaluate(
     parts: TrainParts, state: TrainState, stats: RunningStats, run_dir: Path, log: RunLog
 ) -> None:
-    """Evaluate on the val split, report, and keep ``best.pt`` when the mIoU improved."""
+    """Evaluate on the val split (the EMA weights when ``trainer.ema`` is on), report, and
+    keep ``best.pt`` when the mIoU improved."""
+    model = parts.eval_model
+    what = "EMA" if model is not parts.model else "model"
     if dist.is_distributed():
         # Plain BatchNorm (DDP on CPU, where SyncBatchNorm does not run) keeps per-rank
         # statistics: give every rank rank 0's, so that all shards are scored by one model.
-        for buffer in parts.model.buffers():
+        for buffer in model.buffers():
             torch.distributed.broadcast(buffer, src=0)
-    panels = log.panel_collector(parts.settings.num_vis_images)
-    metrics = parts.evaluator.evaluate(
-        parts.model, parts.val_loader, parts.settings.device, progress=False, on_prediction=panels
+    evaluator, device = parts.evaluator, parts.settings.device
+    collector = log.eval_collector(
+        parts.settings.num_vis_images, evaluator.num_classes, evaluator.ignore_index, device
     )
+    batches = log.eval_progress(parts.val_loader, f"eval {what} @ {state.iteration}")
+    metrics = evaluator.evaluate(model, batches, device, progress=False, on_prediction=collector)
+    confusion = collector.finish()
     parts.model.train()
     state.metrics = plain(metrics)
-    log.evaluation(state.iteration, metrics, panels.panels)
-    if state.improved(float(metrics["mIoU"])):
+    improved = state.improved(float(metrics["mIoU"]))
+    log.evaluation(
+        state.iteration, metrics, collector.panels, confusion, state.best_miou, what=what
+    )
+    if improved:
         path = save(parts, state, stats, run_dir, "best.pt")
         logger.info(
             "new best mIoU %.2f at iter %d -> %s", 100 * state.best_miou, state.iteration, path
@@ -118,15 +138,52 @@ def evaluate(
 
 
 def save(
-    parts: TrainParts, state: TrainState, stats: RunningStats, run_dir: Path, name: str
+    parts: TrainParts,
+    state: TrainState,
+    stats: RunningStats,
+    run_dir: Path,
+    name: str,
+    snapshot: bool = False,
 ) -> Path:
-    """Write ``checkpoints/<name>`` atomically (rank 0; other ranks only return the path)."""
-    path = run_dir / "checkpoints" / name
+    """Write ``checkpoints/<name>`` atomically (rank 0; other ranks only return the path).
+
+    ``snapshot``: also write ``iter_<iteration>.pt`` when ``trainer.keep_snapshots`` asks
+    for snapshots, then delete the ones beyond the newest ``keep_snapshots``.
+    """
+    folder = run_dir / "checkpoints"
+    path = folder / name
     state.nonfinite_steps, state.nonfinite_streak = stats.skip_counts()
     if dist.is_main():
+        payload = checkpoint_payload(parts.model, parts.step, state, parts.config)
         try:
-            save_checkpoint(path, checkpoint_payload(parts.model, parts.step, state, parts.config))
+            save_checkpoint(path, payload)
+            keep = parts.settings.keep_snapshots
+            if snapshot and keep > 0:
+                save_checkpoint(snapshot_path(folder, state.iteration), payload)
+                prune_snapshots(folder, keep, state.iteration)
         except CheckpointError as error:  # e.g. a full disk: one line, in train.log too
             log_to_files(error)
             raise
     return path
+
+
+def snapshot_path(folder: Path, iteration: int) -> Path:
+    """``<folder>/iter_<iteration, 6 digits or more>.pt``."""
+    return folder / f"iter_{iteration:06d}.pt"
+
+
+def prune_snapshots(folder: Path, keep: int, iteration: int) -> list[Path]:
+    """Delete all but the newest ``keep`` snapshots up to ``iteration``; returns the deleted.
+
+    Snapshots of later iterations (left by a run that was resumed from an earlier
+    checkpoint) are not this run's to judge and stay until it overwrites them.
+    """
+    snapshots = sorted(
+        (int(match.group(1)), path)
+        for path in folder.glob("iter_*.pt")
+        if (match := SNAPSHOT_PATTERN.fullmatch(path.name)) and int(match.group(1)) <= iteration
+    )
+    doomed = [path for _, path in snapshots[: max(len(snapshots) - keep, 0)]]
+    for path in doomed:
+        path.unlink(missing_ok=True)
+    return doomed

@@ -2,8 +2,8 @@
 
 A checkpoint (contract in docs/architecture.md) is the states of the model, optimizer,
 LR schedule, GradScaler and loss (GHM-C's moving bin counts; empty for the other losses),
-the :class:`TrainState` (iteration, metrics, best mIoU, skip
-counts), the global RNG states and the resolved config. Only tensors and plain containers
+the EMA of the weights when ``trainer.ema`` is on (``"ema"``), the :class:`TrainState`
+(iteration, metrics, best mIoU, skip counts), the global RNG states and the resolved config. Only tensors and plain containers
 go in, so that ``torch.load(weights_only=True)`` reads it back (``seg.engine.checkpoint``).
 
 Resuming (``resume=...``, :func:`resolve_resume`):
@@ -70,8 +70,8 @@ class TrainState:
 def checkpoint_payload(
     model: nn.Module, step: TrainStep, state: TrainState, config: Mapping[str, Any]
 ) -> dict[str, Any]:
-    """The checkpoint dict of a run (rank 0's RNG states)."""
-    return {
+    """The checkpoint dict of a run (rank 0's RNG states; ``"ema"`` when the step has one)."""
+    payload = {
         "model": model.state_dict(),
         "optimizer": step.optimizer.state_dict(),
         "scheduler": step.scheduler.state_dict(),
@@ -88,6 +88,9 @@ def checkpoint_payload(
             "nonfinite_streak": state.nonfinite_streak,
         },
     }
+    if step.ema is not None:
+        payload["ema"] = step.ema.state_dict()
+    return payload
 
 
 def restore(
@@ -96,7 +99,9 @@ def restore(
     """Load a checkpoint's states into ``model`` and ``step``; returns the run's progress.
 
     The RNG states are not applied here: the loop applies them once the data iterator
-    exists, in the same order as in an uninterrupted run.
+    exists, in the same order as in an uninterrupted run. With ``trainer.ema`` on, the EMA
+    comes back from the checkpoint's ``"ema"``, or starts from the restored weights when
+    the checkpoint has none (its run had EMA off).
 
     Raises:
         CheckpointError: the checkpoint's states do not fit this config's model/optimizer.
@@ -107,7 +112,11 @@ def restore(
         step.scheduler.load_state_dict(checkpoint["scheduler"])
         if "loss" in checkpoint:  # checkpoints from before losses had state lack it
             step.criterion.load_state_dict(checkpoint["loss"])
-    except (RuntimeError, ValueError, KeyError) as error:
+        if step.ema is not None and "ema" in checkpoint:
+            step.ema.load_state_dict(checkpoint["ema"])
+        elif step.ema is not None:
+            step.ema.reset()
+    except (RuntimeError, ValueError, KeyError, TypeError) as error:
         raise CheckpointError(
             f"cannot resume from {source}: it does not fit this config ({first_line(error, limit=200)})"
         ) from None

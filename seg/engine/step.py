@@ -2,9 +2,17 @@
 
 :class:`TrainStep` moves a uint8 batch to the device, normalises it there (channels_last by
 default), runs the model and the multi-head loss under autocast, back-propagates through
-the GradScaler (a pass-through unless fp16 on CUDA), steps SGD and the LR schedule. It does
-not wait for the device: :class:`RunningStats` keeps the logged values as device tensors
-until the loop reads them at the log interval.
+the GradScaler (a pass-through unless fp16 on CUDA), steps SGD and the LR schedule, and
+updates the EMA of the weights when there is one (``seg.engine.ema``). It does not wait
+for the device: :class:`RunningStats` keeps the logged values as device tensors until the
+loop reads them at the log interval.
+
+Gradient accumulation. Called with K micro-batches, the step back-propagates each one's
+loss divided by K (so that the gradients are those of the mean over the K micro-batches
+when each loss is a mean over the same number of pixels), then steps the optimizer, the
+schedule and the EMA once. Under DDP the gradient all-reduce runs on the last micro-batch
+only (``no_sync`` on the first K-1). BatchNorm sees each micro-batch on its own: its batch
+statistics come from batch/K images and its running statistics move K times per step.
 
 Non-finite losses. A step whose total loss is NaN or inf is skipped without a host-device
 sync: the flag ``skipped = ~isfinite(loss)`` stays on the device and
@@ -15,9 +23,11 @@ sync: the flag ``skipped = ~isfinite(loss)`` stays on the device and
   gradients), as it does for overflows;
 - with any other optimizer implementation the step reads the flag (one sync per step).
 
-The model's buffers (BatchNorm running statistics), which the forward pass updates, are
-copied before it and put back when the flag is set, so a skipped step changes nothing but
-the iteration count, the LR schedule position and the fp16 loss scale. Skips are counted
+With K micro-batches the step is skipped when any of their losses is not finite. The
+model's buffers (BatchNorm running statistics), which the forward pass updates, are
+copied before the first micro-batch and put back when the flag is set, so a skipped step
+changes nothing but the iteration count, the LR schedule position, the fp16 loss scale
+and the EMA (which takes its update from the unchanged weights). Skips are counted
 on the device; the loop reads the longest run of consecutive skips at each log interval
 (see ``seg.engine.loop``). Under DDP the flag is all-reduced (max, no host sync) so that
 every rank skips the same steps.
@@ -26,7 +36,8 @@ every rank skips the same steps.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from typing import Any
 
@@ -37,7 +48,9 @@ from torch import nn
 from seg import dist
 from seg.data.batch import batch_to_device
 from seg.engine.amp import AmpSettings, autocast
+from seg.engine.ema import ModelEma
 from seg.engine.optim import is_fused
+from seg.losses import LossOutput
 
 
 @dataclass
@@ -52,7 +65,8 @@ class StepOutput:
 
 
 class TrainStep:
-    """One optimisation step on a collated uint8 batch, without host-device syncs.
+    """One optimisation step on one or more collated uint8 micro-batches, without
+    host-device syncs.
 
     Args:
         model: the module called for the forward pass (possibly DDP-wrapped or compiled).
@@ -65,6 +79,9 @@ class TrainStep:
         buffers_of: the module(s) whose buffers are restored after a skipped step: the
             model's BatchNorm statistics and counters, and a loss's moving state (GHM-C's
             bin counts); None disables that guard.
+        no_sync: DDP's ``no_sync`` (the wrapper's method), entered for all micro-batches
+            but the last so that gradients are all-reduced once per step; None outside DDP.
+        ema: the moving average of the weights, stepped after each optimizer step.
     """
 
     def __init__(
@@ -80,6 +97,8 @@ class TrainStep:
         device: torch.device,
         channels_last: bool = True,
         buffers_of: nn.Module | Sequence[nn.Module] | None = None,
+        no_sync: Callable[[], AbstractContextManager[Any]] | None = None,
+        ema: ModelEma | None = None,
     ) -> None:
         self.model = model
         self.criterion = criterion
@@ -91,33 +110,55 @@ class TrainStep:
         self.std = list(std)
         self.device = device
         self.channels_last = channels_last
+        self.no_sync = no_sync
+        self.ema = ema
         self.fused = is_fused(optimizer)
         modules = [buffers_of] if isinstance(buffers_of, nn.Module) else list(buffers_of or ())
         self.buffers = [b for module in modules for b in module.buffers()]
         self.saved = [torch.empty_like(b) for b in self.buffers]
 
-    def __call__(self, batch: Mapping[str, Any]) -> StepOutput:
-        """Train on ``batch`` = ``{"image": uint8 N x H x W x 3, "label": uint8 N x H x W}``."""
-        images, labels = batch_to_device(batch, self.device, self.mean, self.std)
-        if not self.channels_last:
-            images = images.contiguous()
+    def __call__(self, batches: Mapping[str, Any] | Sequence[Mapping[str, Any]]) -> StepOutput:
+        """Train on one batch or on K micro-batches (gradients accumulated over them).
+
+        Each batch is ``{"image": uint8 N x H x W x 3, "label": uint8 N x H x W}``. The
+        output's values are the means over the micro-batches.
+        """
+        micro = [batches] if isinstance(batches, Mapping) else list(batches)
+        count = len(micro)
         if self.buffers:
             torch._foreach_copy_(self.saved, self.buffers)
-        with autocast(self.amp):
-            outputs = self.model(images)
-            loss = self.criterion(outputs, labels)
-        skipped = ~torch.isfinite(loss.total.detach())
+        self.optimizer.zero_grad(set_to_none=True)
+        outputs: list[LossOutput] = []
+        skipped: torch.Tensor | None = None
+        for index, batch in enumerate(micro):
+            last = index == count - 1
+            with self.no_sync() if self.no_sync is not None and not last else nullcontext():
+                loss = self._forward(batch)
+                bad = ~torch.isfinite(loss.total.detach())
+                skipped = bad if skipped is None else skipped | bad
+                # Dividing by K makes the summed gradients those of the mean loss.
+                total = loss.total / count if count > 1 else loss.total
+                self.scaler.scale(total).backward()
+            outputs.append(loss)
+        assert skipped is not None, "TrainStep needs at least one batch"
         if dist.is_distributed():
             flag = skipped.to(torch.float32)
             torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
             skipped = flag > 0
-        self.optimizer.zero_grad(set_to_none=True)
-        self.scaler.scale(loss.total).backward()
         self._optimizer_step(skipped)
         self.scheduler.step()
         for buffer, saved in zip(self.buffers, self.saved, strict=True):
             torch.where(skipped, saved, buffer, out=buffer)
-        return StepOutput(loss.total.detach(), dict(loss.terms), dict(loss.stats), skipped)
+        if self.ema is not None:
+            self.ema.step()
+        return _mean_output(outputs, skipped)
+
+    def _forward(self, batch: Mapping[str, Any]) -> LossOutput:
+        images, labels = batch_to_device(batch, self.device, self.mean, self.std)
+        if not self.channels_last:
+            images = images.contiguous()
+        with autocast(self.amp):
+            return self.criterion(self.model(images), labels)
 
     def _optimizer_step(self, skipped: torch.Tensor) -> None:
         if self.scaler.is_enabled():
@@ -131,6 +172,24 @@ class TrainStep:
             self.optimizer.step()
         elif not bool(skipped):  # other implementations: one host-device sync per step
             self.optimizer.step()
+
+
+def _mean_output(outputs: Sequence[LossOutput], skipped: torch.Tensor) -> StepOutput:
+    """The step's report: each value averaged over the micro-batches (detached)."""
+    if len(outputs) == 1:
+        (only,) = outputs
+        return StepOutput(only.total.detach(), dict(only.terms), dict(only.stats), skipped)
+
+    def mean(values: Sequence[torch.Tensor]) -> torch.Tensor:
+        return torch.stack([v.detach().float() for v in values]).mean()
+
+    first = outputs[0]
+    return StepOutput(
+        mean([o.total for o in outputs]),
+        {k: mean([o.terms[k] for o in outputs]) for k in first.terms},
+        {k: mean([o.stats[k] for o in outputs]) for k in first.stats},
+        skipped,
+    )
 
 
 # ------------------------------------------------------------------------ running sums

@@ -7,7 +7,7 @@ anything is written), then with ``train.log`` open: build the parts
 (``seg.engine.loop``).
 
 Run directory: Hydra's ``outputs/<experiment_name>/<timestamp>/`` (``hydra.run.dir`` in
-``configs/train.yaml``) holding ``.hydra/``, ``train.log``, ``tb/`` and ``checkpoints/``.
+``configs/train.yaml``) holding ``.hydra/``, ``train.log``, the TensorBoard events and ``checkpoints/``.
 A resumed run keeps writing into the run folder of the checkpoint it resumed (so
 TensorBoard curves and ``train.log`` continue); the new timestamped folder only holds the
 ``.hydra/`` record of the resuming command. Resume options: ``seg.engine.state``.
@@ -271,7 +271,7 @@ def train(
     state: TrainState | None = None,
     rng: Mapping[str, Any] | None = None,
 ) -> TrainState:
-    """Train built ``parts`` into ``run_dir`` (``tb/``, ``checkpoints/``), reporting as
+    """Train built ``parts`` into ``run_dir`` (TensorBoard events, ``checkpoints/``), reporting as
     ``tools/train.py`` does; ``state``/``rng`` continue a restored run.
 
     For Python use between :func:`seg.engine.build.build_parts` and a run folder, e.g. with
@@ -293,25 +293,13 @@ def train(
     try:
         state = fit(parts, state, run_dir, log, rng)
     finally:
-        log.close(final_metrics(state) if state.iteration >= settings.max_iters else None)
+        log.close(completed=state.iteration >= settings.max_iters)
     if dist.is_distributed():
         if dist.same_on_all_ranks(parts.model.state_dict().values(), settings.device):
             logger.info("DDP: the weights are identical on all %d ranks", settings.world_size)
         else:
             logger.warning("DDP: the ranks ended with different weights (rank 0's were saved)")
     return state
-
-
-def final_metrics(state: TrainState) -> dict[str, float]:
-    """The metrics shown beside the hyper-parameters in TensorBoard's HPARAMS tab."""
-    final = {
-        f"hparam/{k}": float(state.metrics[k])
-        for k in ("mIoU", "mAcc", "aAcc")
-        if k in state.metrics
-    }
-    if state.best_miou > -math.inf:
-        final["hparam/best_mIoU"] = state.best_miou
-    return final
 
 
 def hydra_run_dir() -> Path:
