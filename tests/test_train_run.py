@@ -295,7 +295,7 @@ def test_accumulation_ema_and_snapshots_end_to_end(
     assert not weights_equal(last["ema"]["model"], last["model"])
     log = (result.run_dir / "train.log").read_text()
     assert "gradient accumulation: 2 micro-batches of 2 image(s)" in log
-    assert "eval (EMA) at iter 8" in log
+    assert "eval at iter 8 (EMA) | mIoU" in log
 
     # Inference (eval, predict, export) loads the EMA weights, whose metrics were stored.
     ema_net = load_inference_model(folder / "last.pt")

@@ -416,9 +416,9 @@ class RunLog:
             self.tb.image("val_detail/confusion_matrix", image, iteration)
         self.tb.flush()
         logger.info(
-            "eval (%s) at iter %d | mIoU %.2f | mAcc %.2f | aAcc %.2f",
-            what,
+            "eval at iter %d%s | mIoU %.2f | mAcc %.2f | aAcc %.2f",
             iteration,
+            " (EMA)" if what == "EMA" else "",
             100 * float(metrics["mIoU"]),
             100 * float(metrics["mAcc"]),
             100 * float(metrics["aAcc"]),

@@ -125,22 +125,23 @@ class TrainStep:
         """
         micro = [batches] if isinstance(batches, Mapping) else list(batches)
         count = len(micro)
+        if count == 0:
+            raise ValueError("TrainStep needs at least one batch")
         if self.buffers:
             torch._foreach_copy_(self.saved, self.buffers)
         self.optimizer.zero_grad(set_to_none=True)
         outputs: list[LossOutput] = []
-        skipped: torch.Tensor | None = None
+        bad: list[torch.Tensor] = []  # per micro-batch: its loss is not finite (0-dim bool)
         for index, batch in enumerate(micro):
             last = index == count - 1
             with self.no_sync() if self.no_sync is not None and not last else nullcontext():
                 loss = self._forward(batch)
-                bad = ~torch.isfinite(loss.total.detach())
-                skipped = bad if skipped is None else skipped | bad
+                bad.append(~torch.isfinite(loss.total.detach()))
                 # Dividing by K makes the summed gradients those of the mean loss.
                 total = loss.total / count if count > 1 else loss.total
                 self.scaler.scale(total).backward()
             outputs.append(loss)
-        assert skipped is not None, "TrainStep needs at least one batch"
+        skipped = bad[0] if count == 1 else torch.stack(bad).any()
         if dist.is_distributed():
             flag = skipped.to(torch.float32)
             torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
