@@ -47,7 +47,7 @@ demo: data
 	echo "Run directory : $$run_dir"; \
 	echo "Checkpoints   : $$run_dir/checkpoints/last.pt (and best.pt, by val mIoU)"; \
 	echo "Metrics       : $$run_dir/checkpoints/metrics.json and metrics.md"; \
-	echo "TensorBoard   : $$run_dir/tb"; \
+	echo "TensorBoard   : $$run_dir (event files)"; \
 	echo "Open it with  : $(VENV)/bin/tensorboard --logdir outputs"
 
 test: install

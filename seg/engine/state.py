@@ -191,7 +191,7 @@ def restore_rng_state(state: Mapping[str, Any]) -> None:
 # -------------------------------------------------------------------------------- resume
 #: Settings that cannot change what a run computes (its weights, evaluations and
 #: checkpoints' content): ``resume=auto`` ignores them when it compares configs. Log and
-#: checkpoint intervals, TensorBoard images and the finite-loss check frequency only
+#: checkpoint intervals, snapshots kept, TensorBoard images and the finite-loss check frequency only
 #: decide when things are written or read; the data order and augmentation depend on
 #: the seed and the sample's position, not on the number of loader workers
 #: (tests/test_resume.py), and the decoded cache holds exactly the source files' pixels
@@ -201,6 +201,7 @@ RESULT_NEUTRAL_KEYS: tuple[str, ...] = (
     "trainer.log_interval",
     "trainer.ckpt_interval",
     "trainer.num_vis_images",
+    "trainer.keep_snapshots",
     "trainer.check_finite_every_step",
     "loader.num_workers",
     *(
