@@ -1,4 +1,7 @@
-"""Statistics of a loss comparison: per-loss mean +- std over seeds, rare classes, verdicts.
+"""Statistics of a loss comparison: per-loss mean +- std over seeds and rare classes.
+
+Which loss is ahead is decided by the paired bootstrap (``seg.bootstrap``, called by
+``seg.compare.report``), not here.
 
 Pure functions of the runs' final metrics (:class:`seg.compare.runs.RunResult`); figures
 are fractions in [0, 1].
@@ -82,25 +85,3 @@ def summarize(
             )
         )
     return summaries
-
-
-def verdicts(summaries: Sequence[LossSummary]) -> list[str]:
-    """Pairwise differences of mean mIoU, each labelled against the seed spread.
-
-    The seed spread of a pair is the larger of the two losses' standard deviations over
-    seeds. A difference no larger than it is reported as within the noise, not as a win.
-    """
-    lines = []
-    for i, a in enumerate(summaries):
-        for b in summaries[i + 1 :]:
-            diff = 100.0 * (a.miou_mean - b.miou_mean)
-            spread = 100.0 * max(a.miou_std, b.miou_std)
-            if len(a.miou) < 2 or len(b.miou) < 2:
-                label = "one seed only: no spread to judge against"
-            elif abs(diff) <= spread:
-                label = f"within the seed spread ({spread:.2f}): not a difference"
-            else:
-                winner = a.loss if diff > 0 else b.loss
-                label = f"larger than the seed spread ({spread:.2f}): {winner} ahead"
-            lines.append(f"{a.loss} - {b.loss}: {diff:+.2f} mIoU points; {label}")
-    return lines

@@ -33,10 +33,11 @@ from omegaconf import DictConfig
 from seg.cli import CONFIG_DIR
 from seg.compare.report import write_report
 from seg.errors import ConfigError, SegError
+from seg.values import int_setting
 
 TRAIN_SCRIPT = CONFIG_DIR.parent / "tools" / "train.py"
 #: Keys of configs/compare.yaml that belong to the comparison, not to the training runs.
-COMPARE_KEYS = ("losses", "seeds", "sweep_dir")
+COMPARE_KEYS = ("losses", "seeds", "sweep_dir", "bootstrap_replicates", "report_device")
 #: Hydra overrides of the compare command that the sweep receives (the launcher's).
 LAUNCHER_OVERRIDES = ("hydra/launcher=", "hydra.launcher.", "hydra.sweep.subdir=")
 #: Signals passed on to the sweep (it runs in its own process group: each arrives once).
@@ -160,6 +161,10 @@ def compare(cfg: DictConfig) -> int:
         raise ConfigError("tools/compare.py runs its own sweep: drop -m/--multirun")
     task, hydra_overrides, launcher, out_dir = _choices()
     given = {o.split("=", 1)[0] for o in task}
+    report_options = {
+        "replicates": int_setting(cfg.bootstrap_replicates, "bootstrap_replicates", minimum=1),
+        "device": str(cfg.report_device),
+    }
     if cfg.get("sweep_dir"):
         sweep_dir = Path(str(cfg.sweep_dir))
         report = write_report(
@@ -167,6 +172,7 @@ def compare(cfg: DictConfig) -> int:
             [str(v) for v in cfg.losses] if "losses" in given else None,
             [int(v) for v in cfg.seeds] if "seeds" in given else None,
             machine=f"not recorded (report made on {this_machine()})",
+            **report_options,
         )
         print(f"report: {report}")
         return 0
@@ -200,7 +206,7 @@ def compare(cfg: DictConfig) -> int:
     machine = f"{this_machine()}, launcher {launcher}" if local else f"launcher {launcher}"
     shown_hydra = [o for o in hydra_overrides if not o.startswith("hydra.mode=")]
     own = " ".join(["python tools/compare.py", *task, *shown_hydra])
-    report = write_report(out_dir, losses, seeds, command=own, machine=machine)
+    report = write_report(out_dir, losses, seeds, command=own, machine=machine, **report_options)
     print(f"report: {report}\nTensorBoard: tensorboard --logdir {out_dir}")
     return 0
 
