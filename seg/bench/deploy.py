@@ -25,9 +25,10 @@ from pathlib import Path
 
 import torch
 
-from seg.bench.timing import BenchOptions, Section, Timing, markdown_table, time_side_by_side
+from seg.bench.timing import BenchOptions, Section, Timing, time_side_by_side
 from seg.export import DeployDependencyError, export_onnx, require_deploy
 from seg.models.bisenetv2 import BiSeNetV2
+from seg.tables import markdown_table
 
 NUM_CLASSES = 19
 FULL_SIZES = ((512, 1024), (1024, 2048))

@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from seg.errors import CheckpointError, ConfigError
+from seg.errors import CheckpointError, ConfigError, first_line
 from seg.export import require_deploy
 
 INPUT_NAME = "images"
@@ -156,9 +156,9 @@ def create_session(path: str | os.PathLike[str], threads: int) -> Any:
     try:
         return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     except Exception as error:  # onnxruntime raises its own classes for every kind of failure
-        text = str(error).strip()
-        first = text.splitlines()[0] if text else type(error).__name__
-        raise CheckpointError(f"{path}: not a readable ONNX model ({first[:200]})") from None
+        raise CheckpointError(
+            f"{path}: not a readable ONNX model ({first_line(error, limit=200)})"
+        ) from None
 
 
 class OnnxModel(nn.Module):

@@ -45,7 +45,7 @@ import torch
 
 from seg.data.batch import normalize_images
 from seg.deploy.onnx_model import INPUT_NAME, DeployMetadata, parse_metadata
-from seg.errors import CheckpointError, ConfigError, DatasetError
+from seg.errors import CheckpointError, ConfigError, DatasetError, first_line
 from seg.export import require_deploy
 from seg.fileio import write_bytes_atomic
 
@@ -199,8 +199,9 @@ def _load_fp32(onnx: Any, path: Path) -> tuple[Any, DeployMetadata]:
     try:
         model = onnx.load(str(path))
     except Exception as error:  # protobuf's DecodeError and friends
-        first = (str(error).strip().splitlines() or [type(error).__name__])[0]
-        raise CheckpointError(f"{path}: not a readable ONNX model ({first[:200]})") from None
+        raise CheckpointError(
+            f"{path}: not a readable ONNX model ({first_line(error, limit=200)})"
+        ) from None
     metadata = parse_metadata({p.key: p.value for p in model.metadata_props}, path)
     if metadata.precision != "fp32" or any(n.op_type in _QDQ_OPS for n in model.graph.node):
         raise ConfigError(f"{path} is already quantized; quantize the fp32 export")
