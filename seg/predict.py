@@ -36,9 +36,9 @@ import torch
 from tqdm import tqdm
 
 from seg.data.batch import normalize_images
-from seg.engine.amp import autocast, resolve_amp
+from seg.engine.amp import amp_choice, autocast, resolve_amp
 from seg.engine.inference import INFERENCE_MODES, predict_probs
-from seg.engine.load import InferenceModel, load_inference_model
+from seg.engine.load import InferenceModel, is_onnx, load_inference_model
 from seg.errors import ConfigError, DatasetError
 from seg.fileio import partial_path, remove_stale_partials, write_png
 from seg.values import bool_setting, float_setting, int_setting, pair_setting, scales_setting
@@ -466,9 +466,19 @@ def run_prediction(
     out: str | os.PathLike[str],
     *,
     device: str = "auto",
+    onnx_threads: int | None = None,
     **options: Any,
 ) -> PredictSummary:
-    """Load ``ckpt``, predict every image/video of ``input`` into ``out``; see :class:`Predictor`."""
+    """Load ``ckpt``, predict every image/video of ``input`` into ``out``; see :class:`Predictor`.
+
+    ``ckpt`` may be an exported ``.onnx`` (fp32 or int8): it runs with onnxruntime on the
+    CPU with ``onnx_threads`` intra-op threads, normalised and coloured with the mean, std
+    and palette stored in it; ``device`` and ``amp`` then do not apply.
+    """
+    if is_onnx(ckpt) and amp_choice(options.get("amp", "off"), "cpu", "amp") != "off":
+        raise ConfigError("amp applies to checkpoints; an ONNX model runs in its own precision")
     inputs = collect_inputs(input, exclude=Path(out))
-    predictor = Predictor(load_inference_model(ckpt, device), **options)
-    return predictor.run(inputs, out)
+    net = load_inference_model(ckpt, device, onnx_threads=onnx_threads)
+    if is_onnx(ckpt):
+        print(f"model: {net.model.describe()}")
+    return Predictor(net, **options).run(inputs, out)

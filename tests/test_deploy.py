@@ -31,9 +31,9 @@ PALETTE = [[128, 64, 128], [0, 0, 142], [70, 130, 180], [107, 142, 35]]
 
 
 class TinySegmenter(nn.Module):
-    """images N x 3 x H x W -> logits N x 4 x H x W (stride-2 features, upsampled back)."""
+    """images N x 3 x H x W -> logits N x C x H x W (stride-2 features, upsampled back)."""
 
-    def __init__(self) -> None:
+    def __init__(self, num_classes: int = NUM_CLASSES, **_: object) -> None:  # aux_heads=False
         super().__init__()
         self.features = nn.Sequential(
             nn.Conv2d(3, 16, 3, stride=2, padding=1, bias=False),
@@ -43,7 +43,7 @@ class TinySegmenter(nn.Module):
             nn.BatchNorm2d(16),
             nn.ReLU(),
         )
-        self.classifier = nn.Conv2d(16, NUM_CLASSES, 1)
+        self.classifier = nn.Conv2d(16, num_classes, 1)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         logits = self.classifier(self.features(images))

@@ -1,8 +1,9 @@
-"""Evaluate a checkpoint with the config stored inside it.
+"""Evaluate a checkpoint with the config stored inside it, or an exported ONNX model.
 
     python tools/eval.py ckpt=PATH [dataset.root=...] [dataset.split=val] [eval.flip=true]
         [eval.scales=[0.75,1.0,1.25]] [eval.mode=slide] [eval=PRESET] [out=DIR]
-        [save_pred=labelIds|color]
+        [save_pred=labelIds|color] [reference=OTHER.pt|OTHER.onnx]
+    python tools/eval.py ckpt=MODEL.onnx dataset=NAME [dataset.root=...] [onnx_threads=N]
     python tools/eval.py -m ckpt=a.pt,b.pt
     torchrun --nproc_per_node=2 tools/eval.py ckpt=PATH
 

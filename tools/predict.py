@@ -1,7 +1,8 @@
-"""Run a checkpoint on images, folders of images or videos.
+"""Run a checkpoint, or an exported ONNX model, on images, folders of images or videos.
 
     python tools/predict.py ckpt=PATH input=IMAGE|FOLDER|VIDEO [out=DIR] [batch_size=N]
         [device=auto|cpu|cuda] [alpha=0.5] [amp=fp16] [flip=true] [scales=[0.75,1.0,1.25]]
+    python tools/predict.py ckpt=MODEL.onnx input=... [onnx_threads=N]   # onnxruntime, CPU
 
 Exit status: 0 when every input was predicted, 1 when some files were skipped
 (each is named on stderr), 2 on a bad checkpoint, input or setting.

@@ -28,6 +28,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from seg.engine.load import InferenceModel
 from seg.errors import CheckpointError, ConfigError, first_line
 from seg.export import require_deploy
 
@@ -226,3 +227,26 @@ class OnnxModel(nn.Module):
         array = images.detach().to("cpu", torch.float32).contiguous().numpy()
         (logits,) = self.session.run([OUTPUT_NAME], {INPUT_NAME: array})
         return torch.from_numpy(logits).to(images.device)
+
+
+def load_onnx_inference_model(
+    path: str | os.PathLike[str], threads: int | None = None
+) -> InferenceModel:
+    """An exported ``.onnx`` as an :class:`InferenceModel` (CPU), the dataset facts from its
+    metadata, so that eval and predict use it as they use a checkpoint."""
+    net = OnnxModel(path, threads=threads)
+    facts = net.metadata
+    dataset = {
+        "num_classes": facts.num_classes,
+        "mean": facts.mean,
+        "std": facts.std,
+        "class_names": facts.class_names,
+        "palette": facts.palette,
+    }
+    return InferenceModel(
+        model=net,
+        config={"dataset": dataset},
+        device=torch.device("cpu"),
+        path=net.path,
+        **dataset,
+    )

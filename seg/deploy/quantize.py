@@ -44,7 +44,9 @@ import numpy as np
 import torch
 
 from seg.data.batch import normalize_images
+from seg.data.build import build_dataset
 from seg.deploy.onnx_model import INPUT_NAME, DeployMetadata, parse_metadata
+from seg.engine.checkpoint import load_checkpoint
 from seg.errors import CheckpointError, ConfigError, DatasetError, first_line
 from seg.export import require_deploy
 from seg.fileio import write_bytes_atomic
@@ -106,6 +108,49 @@ def pick_calibration_images(dataset: Any, count: int, source: str) -> Calibratio
         names.append(str(item["name"]))
         images.append(image)
     return CalibrationSet(names=names, images=images, source=source)
+
+
+def calibration_from_checkpoint(
+    ckpt: str | os.PathLike[str], count: int, root: str | os.PathLike[str] | None = None
+) -> CalibrationSet:
+    """``count`` images of the training split named in the checkpoint's config.
+
+    The split is ``config["dataset"]["train"]`` without its transform (no random crops or
+    flips: calibration should see what deployment sees); ``root`` replaces its ``root``
+    (the dataset may live elsewhere than where the model was trained).
+
+    Raises:
+        CheckpointError: the checkpoint has no ``dataset.train`` node.
+        ConfigError: ``root`` is given for a dataset node without a ``root`` key.
+        DatasetError: the split is missing or has fewer than ``count`` images.
+    """
+    path = Path(ckpt)
+    config = load_checkpoint(path, map_location="cpu").get("config") or {}
+    dataset_config = config.get("dataset") or {}
+    node = dataset_config.get("train")
+    if not isinstance(node, dict) or "_target_" not in node:
+        raise CheckpointError(
+            f"checkpoint {path}: config.dataset.train is not a dataset node; int8 "
+            "calibration reads its images from the training split"
+        )
+    node = {**node, "transform": None}
+    if root is not None:
+        if "root" not in node:
+            raise ConfigError(
+                f"calibration_root: the checkpoint's dataset.train ({node['_target_']}) has no "
+                "root key to replace"
+            )
+        node["root"] = str(root)
+    dataset = build_dataset(node, "calibration dataset (the checkpoint's dataset.train)")
+    where = node.get("root") or node.get("image_dir") or "?"
+    source = f"{dataset_config.get('name', 'dataset')} training split at {where}"
+    return pick_calibration_images(dataset, count, source)
+
+
+def default_int8_path(fp32_path: str | os.PathLike[str]) -> Path:
+    """``model.onnx`` -> ``model_int8.onnx`` (beside it)."""
+    path = Path(fp32_path)
+    return path.with_name(f"{path.stem}_int8{path.suffix or '.onnx'}")
 
 
 def calibration_batches(

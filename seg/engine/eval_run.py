@@ -1,10 +1,13 @@
-"""The logic behind ``tools/eval.py``: evaluate a checkpoint with the config stored in it.
+"""The logic behind ``tools/eval.py``: evaluate a checkpoint with the config stored in it,
+or an exported ONNX model on a dataset config that the user names.
 
 Command line (Hydra overrides; ``-m`` evaluates several checkpoints)::
 
     python tools/eval.py ckpt=PATH [out=DIR] [save_pred=labelIds|color] [device=cpu]
         [dataset.root=...] [dataset.split=val|train] [eval.mode=slide] [eval.flip=true]
         [eval.scales=[0.75,1.0,1.25]] [loader.num_workers=2] [eval=slide]
+        [reference=OTHER.pt|OTHER.onnx]
+    python tools/eval.py ckpt=MODEL.onnx dataset=NAME [dataset.root=...] [onnx_threads=N] ...
     python tools/eval.py -m ckpt=a.pt,b.pt
 
 The tool's config (``configs/eval.yaml``) holds its own keys (``ckpt``, ``out``,
@@ -15,6 +18,17 @@ config stored in the checkpoint, and a key that config does not have is an error
 ``eval=NAME`` fills the ``eval`` section with the preset ``configs/eval/NAME.yaml``,
 which then replaces the stored evaluation settings. ``--cfg job`` shows exactly these
 overrides.
+
+An ``.onnx`` file (``tools/export.py``, fp32 or int8) stores no config: ``dataset=NAME``
+picks ``configs/dataset/NAME.yaml`` (``dataset.root=...`` and the other dataset keys
+overridable as usual), the evaluation settings are ``configs/eval/whole.yaml`` unless
+``eval=NAME`` picks another preset, and the loader settings ``configs/loader/default.yaml``
+(``eval.*`` and ``loader.*`` override both). The normalisation (mean, std) is the model's
+own, from its metadata; its class count must match the dataset's. The model runs with
+onnxruntime on the CPU through the same :class:`Evaluator` as a checkpoint.
+
+``reference=PATH`` (a checkpoint or an ``.onnx``) also runs a second model on every image
+and reports the share of pixels where both predict the same class (e.g. int8 vs fp32).
 """
 
 from __future__ import annotations
@@ -34,10 +48,11 @@ from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 
 from seg import dist
 from seg.cli import CONFIG_DIR, run_in_process
+from seg.data.batch import batch_to_device
 from seg.data.loader import build_eval_loader
 from seg.engine.checkpoint import load_checkpoint
 from seg.engine.evaluator import Evaluator
-from seg.engine.load import check_stored_config, load_inference_model
+from seg.engine.load import InferenceModel, check_stored_config, is_onnx, load_inference_model
 from seg.engine.state import flatten
 from seg.errors import CheckpointError, ConfigError
 from seg.fileio import write_png, write_text_atomic
@@ -50,6 +65,8 @@ __all__ = ["CONFIG_DIR", "build_eval_config", "evaluate", "main", "run_eval"]
 SAVE_PRED_KINDS = ("labelIds", "color")
 #: The sections of the stored training config that eval.py's command line may override.
 STORED_SECTIONS = ("dataset", "model", "loader", "eval")
+#: The evaluation and loader presets an ONNX model (which stores no config) uses.
+ONNX_EVAL_PRESET, ONNX_LOADER_PRESET = "whole", "default"
 
 # The stored config is resolved: keys that were interpolations of another key no longer
 # follow it. These links come from the dataset and eval contracts (docs/architecture.md);
@@ -143,12 +160,14 @@ def build_eval_config(
     stored: Mapping[str, Any],
     overrides: Mapping[str, Any],
     eval_preset: Mapping[str, Any] | DictConfig | None = None,
+    sections: Sequence[str] = ("dataset", "model", "eval"),
 ) -> DictConfig:
     """The config to evaluate with: the checkpoint's config, an optional ``eval`` preset,
     then the user's dotted ``overrides``; resolved, and read-only in structure.
 
     Raises:
-        ConfigError: an override names a key the stored config does not have.
+        ConfigError: an override names a key the stored config does not have, or one of
+            ``sections`` is missing.
     """
     cfg = OmegaConf.create(dict(stored))
     if eval_preset is not None:
@@ -174,16 +193,22 @@ def build_eval_config(
         OmegaConf.resolve(cfg)
     except OmegaConfBaseException as error:
         raise ConfigError(f"cannot resolve the evaluation config: {error}") from None
-    for section in ("dataset", "model", "eval"):
+    for section in sections:
         if section not in cfg:
             raise ConfigError(f"the checkpoint's config lacks the {section!r} section")
     return cfg
 
 
 # ------------------------------------------------------------------------- checks
-def check_num_classes(cfg: DictConfig, dataset: object, ckpt_path: Path) -> None:
-    """One-line error when the checkpoint's model and the dataset count classes differently."""
-    model_classes = _select(cfg, "model.num_classes")
+def check_num_classes(
+    cfg: DictConfig, dataset: object, ckpt_path: Path, model_classes: int | None = None
+) -> None:
+    """One-line error when the checkpoint's model and the dataset count classes differently.
+
+    ``model_classes`` defaults to the config's ``model.num_classes``.
+    """
+    if model_classes is None:
+        model_classes = _select(cfg, "model.num_classes")
     if model_classes is None:
         return
     wrong = []  # each count that differs from the model's, with its own value
@@ -266,6 +291,84 @@ class PredictionWriter:
             self.count += 1
 
 
+# ------------------------------------------------------------------------- ONNX models
+def onnx_stored_config(tool_cfg: DictConfig, net: InferenceModel, preset: str | None) -> dict:
+    """The config an ONNX model is evaluated with, in place of a checkpoint's stored one.
+
+    ``dataset``: the ``dataset=NAME`` group composed into ``tool_cfg`` with the user's
+    ``dataset.*`` keys; ``eval``: the chosen preset, else ``configs/eval/whole.yaml``, then
+    the user's ``eval.*`` keys; ``loader``: ``configs/loader/default.yaml`` then
+    ``loader.*``. The normalisation (mean, std) is the model's own, from its metadata.
+    """
+    from hydra.core.hydra_config import HydraConfig
+
+    chosen = HydraConfig.get().runtime.choices.get("dataset") if HydraConfig.initialized() else None
+    if chosen is None or not tool_cfg.get("dataset"):
+        raise ConfigError(
+            f"{net.path} stores no dataset config: name one with dataset=NAME "
+            f"(a file of configs/dataset/, e.g. dataset=synthcity) and dataset.root=PATH"
+        )
+    eval_node = tool_cfg.eval
+    if preset is None:  # only the user's eval.* keys: on top of the default preset
+        eval_node = OmegaConf.merge(
+            OmegaConf.load(CONFIG_DIR / "eval" / f"{ONNX_EVAL_PRESET}.yaml"), tool_cfg.eval
+        )
+    loader_node = OmegaConf.merge(
+        OmegaConf.load(CONFIG_DIR / "loader" / f"{ONNX_LOADER_PRESET}.yaml"), tool_cfg.loader
+    )
+    stored: dict[str, Any] = {
+        key: OmegaConf.to_container(node, resolve=False)
+        for key, node in (
+            ("dataset", tool_cfg.dataset),
+            ("eval", eval_node),
+            ("loader", loader_node),
+        )
+    }
+    stored["dataset"]["mean"], stored["dataset"]["std"] = list(net.mean), list(net.std)
+    return stored
+
+
+class AgreementCounter:
+    """Counts pixels where a reference model predicts the same class as the evaluated one.
+
+    Called by :meth:`Evaluator.evaluate` once per batch (its ``on_prediction`` hook) with
+    the batch and the evaluated model's ids (int64 N x H x W); runs ``reference`` on the
+    same images through the same inference settings, normalised with its own mean/std.
+    """
+
+    def __init__(self, reference: InferenceModel, evaluator: Evaluator, device: torch.device):
+        self.reference, self.evaluator, self.device = reference, evaluator, device
+        self.same = torch.zeros((), dtype=torch.int64, device=device)
+        self.total = torch.zeros((), dtype=torch.int64, device=device)
+
+    def __call__(self, batch: Mapping[str, Any], pred: torch.Tensor) -> None:
+        images, _ = batch_to_device(batch, self.device, self.reference.mean, self.reference.std)
+        probs = self.evaluator.predict(self.reference.model, images, pred.shape[-2:])
+        self.same += (probs.argmax(dim=1) == pred).sum()
+        self.total += pred.numel()
+
+    def fraction(self) -> float:
+        """Share of pixels with equal predictions, over every process's shard."""
+        same, total = (
+            dist.all_reduce_sum(self.same.clone()),
+            dist.all_reduce_sum(self.total.clone()),
+        )
+        return float(same) / max(1, int(total))
+
+
+def _chain(*hooks: Any) -> Any:
+    """One ``on_prediction`` hook calling each of ``hooks`` that is not None."""
+    active = [hook for hook in hooks if hook is not None]
+    if not active:
+        return None
+
+    def call(batch: Mapping[str, Any], pred: torch.Tensor) -> None:
+        for hook in active:
+            hook(batch, pred)
+
+    return call
+
+
 # ------------------------------------------------------------------------- report writing
 def _json_safe(value: Any) -> Any:
     """NaN -> None (JSON has no NaN), recursively."""
@@ -321,13 +424,29 @@ def run_eval(
     save_pred = tool_cfg.get("save_pred")
     if save_pred is not None and save_pred not in SAVE_PRED_KINDS:
         raise ConfigError(f"save_pred must be one of {list(SAVE_PRED_KINDS)}, got {save_pred!r}")
-    checkpoint = load_checkpoint(ckpt_path, map_location="cpu")
-    # The stored config is data: refuse planted targets and interpolations before merging it.
-    check_stored_config(checkpoint["config"], ckpt_path)
-    preset_node = None
-    if preset is not None:
-        preset_node = OmegaConf.to_container(tool_cfg.eval, resolve=False)
-    cfg = build_eval_config(checkpoint["config"], overrides, preset_node)
+    onnx_threads = tool_cfg.get("onnx_threads")
+    checkpoint: Mapping[str, Any] = {}
+    net: InferenceModel | None = None
+    if is_onnx(ckpt_path):
+        net = load_inference_model(ckpt_path, onnx_threads=onnx_threads)
+        stored = onnx_stored_config(tool_cfg, net, preset)
+        cfg = build_eval_config(stored, {}, sections=("dataset", "eval"))
+        check_num_classes(cfg, None, ckpt_path, net.num_classes)  # before reading the data
+    else:
+        from hydra.core.hydra_config import HydraConfig
+
+        if HydraConfig.initialized() and HydraConfig.get().runtime.choices.get("dataset"):
+            raise ConfigError(
+                "dataset=NAME is for ONNX models (ckpt=*.onnx); a checkpoint is evaluated on "
+                "its stored dataset config: change it with dataset.root=..., dataset.split=..."
+            )
+        checkpoint = load_checkpoint(ckpt_path, map_location="cpu")
+        # The stored config is data: refuse planted targets and interpolations before merging.
+        check_stored_config(checkpoint["config"], ckpt_path)
+        preset_node = None
+        if preset is not None:
+            preset_node = OmegaConf.to_container(tool_cfg.eval, resolve=False)
+        cfg = build_eval_config(checkpoint["config"], overrides, preset_node)
     out_dir = Path(str(tool_cfg.out)) if tool_cfg.get("out") else ckpt_path.parent
 
     started_dist = not dist.is_distributed() and dist.init_distributed()
@@ -336,11 +455,16 @@ def run_eval(
         # Evaluation images share one size per dataset (or one per scale / window), so cuDNN's
         # per-shape algorithm timing pays back, as in training.
         torch.backends.cudnn.benchmark = device.type == "cuda"
-        config = OmegaConf.to_container(cfg, resolve=True)
-        assert isinstance(config, dict)
-        net = load_inference_model(ckpt_path, device, checkpoint=checkpoint, config=config)
+        if net is None:
+            config = OmegaConf.to_container(cfg, resolve=True)
+            assert isinstance(config, dict)
+            net = load_inference_model(ckpt_path, device, checkpoint=checkpoint, config=config)
+            check_classes = None
+        else:
+            device = net.device  # onnxruntime on the CPU
+            check_classes = net.num_classes
         dataset = build_from_checkpoint(cfg.dataset.val, "dataset")
-        check_num_classes(cfg, dataset, ckpt_path)
+        check_num_classes(cfg, dataset, ckpt_path, check_classes)
         evaluator: Evaluator = build_from_checkpoint(cfg.eval, "evaluator")
         loader_cfg = cfg.get("loader") or {}
         loader = build_eval_loader(
@@ -360,13 +484,20 @@ def run_eval(
                 evaluator.num_classes,
                 _select(cfg, "dataset.palette"),
             )
+        agreement = None
+        if tool_cfg.get("reference"):
+            reference = load_inference_model(
+                str(tool_cfg.reference), device, onnx_threads=onnx_threads
+            )
+            agreement = AgreementCounter(reference, evaluator, device)
         metrics = evaluator.evaluate(
             net.model,
             loader,
             device,
             progress=bool(tool_cfg.get("progress", True)),
-            on_prediction=writer,
+            on_prediction=_chain(writer, agreement),
         )
+        same_fraction = agreement.fraction() if agreement is not None else None
         if dist.is_main():
             info = {
                 "checkpoint": str(ckpt_path),
@@ -385,7 +516,18 @@ def run_eval(
             }
             if _select(cfg, "dataset.val.image_dir"):  # folder datasets: where it looked
                 info["image_dir"] = _select(cfg, "dataset.val.image_dir")
+            if is_onnx(ckpt_path):
+                info["onnxruntime"] = net.model.runtime_settings()
+                print(f"model: {net.model.describe()}")
+            if same_fraction is not None:
+                info["reference"] = str(tool_cfg.reference)
+                info["argmax_agreement"] = same_fraction
             print(format_metrics_table(metrics, class_names))
+            if same_fraction is not None:
+                print(
+                    f"argmax agreement with {tool_cfg.reference}: {100 * same_fraction:.2f}% "
+                    "of pixels"
+                )
             json_path, md_path = write_reports(out_dir, metrics, class_names, info)
             print(f"wrote {json_path} and {md_path}")
             if writer is not None:

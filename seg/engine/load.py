@@ -216,6 +216,11 @@ def build_inference_model(model_config: Any, path: Path | str) -> nn.Module:
     return model
 
 
+def is_onnx(path: str | os.PathLike[str]) -> bool:
+    """Whether ``path`` names an exported ONNX model (by its suffix) rather than a checkpoint."""
+    return Path(path).suffix.lower() == ".onnx"
+
+
 def load_inference_model(
     path: str | os.PathLike[str],
     device: torch.device | str = "cpu",
@@ -223,18 +228,28 @@ def load_inference_model(
     checkpoint: Mapping[str, Any] | None = None,
     config: Mapping[str, Any] | None = None,
     ema: bool = True,
+    onnx_threads: int | None = None,
 ) -> InferenceModel:
     """Load ``path`` and return its model in eval mode on ``device``, aux heads dropped.
 
+    An ``.onnx`` file written by ``tools/export.py`` (fp32 or int8) loads as an
+    :class:`seg.deploy.onnx_model.OnnxModel` run by onnxruntime on the CPU (``device`` is
+    then ignored), its dataset facts read from the file's metadata.
+
     Args:
-        path: the checkpoint file.
+        path: the checkpoint file, or an exported ``.onnx`` model.
         device: a device, or a setting such as ``"auto"``/``"cuda"`` (``seg.dist``).
         checkpoint: the file's contents when the caller has read it already.
         config: the config to build from, when the caller changed the stored one (the
             evaluation tool's overrides); defaults to ``checkpoint["config"]``.
         ema: load the EMA weights when the checkpoint has them (False: the raw weights).
+        onnx_threads: onnxruntime intra-op threads for an ``.onnx`` (None: PyTorch's).
     """
     path = Path(path)
+    if is_onnx(path):
+        from seg.deploy.onnx_model import load_onnx_inference_model  # the deploy extra
+
+        return load_onnx_inference_model(path, threads=onnx_threads)
     device = dist.resolve_device(device) if isinstance(device, str) else device
     if checkpoint is None:
         checkpoint = load_checkpoint(path, map_location="cpu")
