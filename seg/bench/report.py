@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from seg import dist
-from seg.bench import loader, loss, model, train_step
+from seg.bench import deploy, loader, loss, model, train_step
 from seg.bench.timing import BenchOptions, Section
 from seg.errors import ConfigError
 from seg.fileio import write_text_atomic
@@ -30,6 +30,7 @@ SECTIONS: dict[str, Callable[[BenchOptions], Section]] = {
     "loss": loss.run,
     "loader": loader.run,
     "train_step": train_step.run,
+    "deploy": deploy.run,
 }
 
 
