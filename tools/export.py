@@ -57,6 +57,7 @@ def export(cfg: DictConfig) -> int:
             calibration,
             float_scopes=DEFAULT_FLOAT_SCOPES if scopes is None else OmegaConf.to_object(scopes),
             method=cfg.calibration_method,
+            reduce_range=cfg.reduce_range,
         )
         print(quantized.describe())
     return 0
