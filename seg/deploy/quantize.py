@@ -342,7 +342,13 @@ def quantize_int8(
             calibrate_method=methods[method],
             # CalibMaxIntermediateOutputs is left unset: onnxruntime 1.32 drops the batches
             # collected before each flush instead of merging their ranges.
-            extra_options={"WeightSymmetric": True, "ActivationSymmetric": False},
+            extra_options={
+                "WeightSymmetric": True,
+                "ActivationSymmetric": False,
+                # A standalone BatchNormalization (the context embedding's, after the global
+                # pool) has rank-1 weights: their channel axis is 0, not Conv's 1.
+                "QDQOpTypePerChannelSupportToAxis": {"BatchNormalization": 0},
+            },
         )
         result = onnx.load(str(quantized))
     stored = {p.key: p.value for p in model.metadata_props}
