@@ -53,6 +53,8 @@ def test_train_overrides_drop_the_comparison_keys() -> None:
         "hydra.run.dir=x",
         "resume=auto",
         "sweep_dir=y",
+        "bootstrap_replicates=500",
+        "report_device=cpu",
     ]
     assert train_overrides(task) == ["+experiment=synthcity_ohem", "trainer.max_iters=9"]
     hydra = [
