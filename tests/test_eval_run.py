@@ -490,7 +490,7 @@ def _eval_tool(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
     env = dict(os.environ)  # PaletteNet lives in this file
     env["PYTHONPATH"] = os.pathsep.join([str(REPO / "tests"), str(REPO), env.get("PYTHONPATH", "")])
     return subprocess.run(
-        [sys.executable, str(REPO / "tools" / "eval.py"), *args],
+        [sys.executable, str(REPO / "tests" / "palette_eval.py"), *args],  # admits PaletteNet
         cwd=cwd,
         env=env,
         capture_output=True,
