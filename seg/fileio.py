@@ -23,7 +23,7 @@ import re
 import socket
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import BinaryIO
 
@@ -31,6 +31,11 @@ import cv2
 import numpy as np
 
 from seg.errors import OutputError, SegError
+
+try:  # POSIX advisory locks; elsewhere concurrent writers are not serialised
+    import fcntl
+except ImportError:  # pragma: no cover - Windows
+    fcntl = None  # type: ignore[assignment]
 
 #: ``.<name>.<host>-<pid>-<8 hex>.partial[.ext]``; the host part is absent in older names.
 _PARTIAL = re.compile(
@@ -191,3 +196,17 @@ def write_png(path: str | os.PathLike[str], array: np.ndarray) -> None:
     if not ok:
         raise OSError(f"cannot encode {path} as PNG (array {array.dtype} {array.shape})")
     write_bytes_atomic(path, encoded.tobytes())
+
+
+@contextlib.contextmanager
+def exclusive_lock(path: str | os.PathLike[str]) -> Iterator[None]:
+    """Hold an exclusive advisory lock on ``path`` (created if absent) for the block, so
+    that processes filling the same folder (loader workers, DDP ranks) take turns."""
+    with open(path, "a+") as handle:
+        if fcntl is not None:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            if fcntl is not None:
+                fcntl.flock(handle, fcntl.LOCK_UN)

@@ -24,10 +24,11 @@ from omegaconf import OmegaConf
 
 from seg import dist
 from seg.bootstrap import miou_from_confusion, per_image_confusion
+from seg.compare.runs import build_run_dataset
 from seg.data.loader import build_eval_loader
 from seg.engine.checkpoint import load_checkpoint
 from seg.engine.evaluator import Evaluator
-from seg.engine.load import check_stored_config, load_inference_model
+from seg.engine.load import load_inference_model
 from seg.errors import SegError
 from seg.fileio import write_bytes_atomic
 from seg.instantiate import build_from_checkpoint
@@ -105,14 +106,10 @@ def _read_kept(path: Path, stamp: np.ndarray) -> PerImage | None:
 def _evaluate(checkpoint_path: Path, device: torch.device) -> tuple[PerImage, float]:
     """Evaluate ``checkpoint_path`` on its run's val split; returns (result, stored mIoU)."""
     checkpoint = load_checkpoint(checkpoint_path, map_location="cpu")
-    config = checkpoint["config"]
-    check_stored_config(config, checkpoint_path)
+    config = checkpoint["config"]  # checked by load_inference_model before anything is built
     stored = float(((checkpoint.get("metrics") or {}).get("val") or {})["mIoU"])
     net = load_inference_model(checkpoint_path, device, checkpoint=checkpoint)
-    val_cfg = OmegaConf.create(dict(config["dataset"]["val"]))
-    # Read the image files as they are: a decoded cache may live only where the run trained.
-    options = {key: None for key in ("cache",) if key in val_cfg}
-    dataset = build_from_checkpoint(val_cfg, f"val dataset of {checkpoint_path}", **options)
+    dataset = build_run_dataset(config["dataset"]["val"], f"val dataset of {checkpoint_path}")
     evaluator: Evaluator = build_from_checkpoint(
         OmegaConf.create(dict(config["eval"])), f"evaluator of {checkpoint_path}"
     )

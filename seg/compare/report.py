@@ -62,10 +62,9 @@ def class_verdict_lines(result: BootstrapResult) -> list[str]:
     """Per pair: the classes where each loss is ahead by the same bootstrap rule."""
     lines = []
     for pair in result.pairs:
-        named = zip(result.class_names, pair.per_class, strict=True)
-        ahead_a = [name for name, d in named if d.verdict == A_AHEAD]
-        named = zip(result.class_names, pair.per_class, strict=True)
-        ahead_b = [name for name, d in named if d.verdict == B_AHEAD]
+        verdicts = [d.verdict for d in pair.per_class]
+        ahead_a = [n for n, v in zip(result.class_names, verdicts, strict=True) if v == A_AHEAD]
+        ahead_b = [n for n, v in zip(result.class_names, verdicts, strict=True) if v == B_AHEAD]
         lines.append(
             f"{pair.a} vs {pair.b}: {pair.a} ahead on {len(ahead_a)} "
             f"({', '.join(ahead_a) or '-'}); {pair.b} ahead on {len(ahead_b)} "

@@ -248,13 +248,24 @@ def class_pixel_counts(config: Mapping[str, Any]) -> list[int]:
     (``seg.instantiate.check_targets``), it reads without a cache and generates nothing.
     """
     from seg.data.check import check_split
+
+    dataset = build_run_dataset(
+        config["dataset"]["train"], "training dataset of the runs", transform=None, strict=False
+    )
+    report = check_split(dataset, "train")
+    return [int(v) for v in report.train_id_pixels[: int(config["dataset"]["num_classes"])]]
+
+
+def build_run_dataset(node: Mapping[str, Any], what: str, **options: Any) -> Any:
+    """Build a dataset node of a run's stored config (``dataset.train`` or ``.val``).
+
+    The node comes from a checkpoint: only seg's own classes are built from it
+    (``seg.instantiate.build_from_checkpoint``). It reads the files as they are: no decoded
+    cache (it may exist only where the run trained) and no generation. ``options``: more
+    keyword arguments for the dataset (e.g. ``transform=None``).
+    """
     from seg.instantiate import build_from_checkpoint
 
-    dataset_cfg = OmegaConf.create(dict(config["dataset"]))
-    options = {"transform": None, "strict": False}
-    options.update(
-        {k: v for k, v in (("cache", None), ("generate", False)) if k in dataset_cfg.train}
-    )
-    dataset = build_from_checkpoint(dataset_cfg.train, "training dataset of the runs", **options)
-    report = check_split(dataset, "train")
-    return [int(v) for v in report.train_id_pixels[: int(dataset_cfg.num_classes)]]
+    dataset_cfg = OmegaConf.create(dict(node))
+    off = {k: v for k, v in (("cache", None), ("generate", False)) if k in dataset_cfg}
+    return build_from_checkpoint(dataset_cfg, what, **off, **options)

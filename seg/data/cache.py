@@ -42,12 +42,7 @@ import numpy as np
 from tqdm import tqdm
 
 from seg.errors import DatasetError
-from seg.fileio import atomic_write, write_text_atomic
-
-try:  # POSIX; elsewhere concurrent builders are not serialised
-    import fcntl
-except ImportError:  # pragma: no cover
-    fcntl = None  # type: ignore[assignment]
+from seg.fileio import atomic_write, exclusive_lock, write_text_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -194,19 +189,6 @@ def _refusal(state: CacheState, dataset: CacheableDataset, root: str | Path) -> 
     )
 
 
-@contextlib.contextmanager
-def _exclusive(path: Path) -> Iterator[None]:
-    """Hold an exclusive lock on ``path`` (created if absent) for the block."""
-    with open(path, "a+") as handle:
-        if fcntl is not None:
-            fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            if fcntl is not None:
-                fcntl.flock(handle, fcntl.LOCK_UN)
-
-
 def _save_array(path: Path, array: np.ndarray) -> None:
     try:
         atomic_write(path, lambda file: np.save(file, np.ascontiguousarray(array)))
@@ -296,7 +278,7 @@ def build_cache(
     check_cache(root, dataset)  # a root that is not a folder, an unreadable index
     folder = cache_folder(root, dataset)
     _make_folder(folder)
-    with _exclusive(folder / ".lock"):
+    with exclusive_lock(folder / ".lock"):
         state = check_cache(root, dataset)  # again under the lock: another rank may have built
         built = 0
         if state.todo:

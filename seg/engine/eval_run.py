@@ -292,18 +292,18 @@ class PredictionWriter:
 
 
 # ------------------------------------------------------------------------- ONNX models
-def onnx_stored_config(tool_cfg: DictConfig, net: InferenceModel, preset: str | None) -> dict:
+def onnx_stored_config(
+    tool_cfg: DictConfig, net: InferenceModel, preset: str | None, dataset_choice: str | None
+) -> dict:
     """The config an ONNX model is evaluated with, in place of a checkpoint's stored one.
 
     ``dataset``: the ``dataset=NAME`` group composed into ``tool_cfg`` with the user's
     ``dataset.*`` keys; ``eval``: the chosen preset, else ``configs/eval/whole.yaml``, then
     the user's ``eval.*`` keys; ``loader``: ``configs/loader/default.yaml`` then
     ``loader.*``. The normalisation (mean, std) is the model's own, from its metadata.
+    ``preset`` / ``dataset_choice``: the ``eval=`` and ``dataset=`` choices (None: none).
     """
-    from hydra.core.hydra_config import HydraConfig
-
-    chosen = HydraConfig.get().runtime.choices.get("dataset") if HydraConfig.initialized() else None
-    if chosen is None or not tool_cfg.get("dataset"):
+    if dataset_choice is None or not tool_cfg.get("dataset"):
         raise ConfigError(
             f"{net.path} stores no dataset config: name one with dataset=NAME "
             f"(a file of configs/dataset/, e.g. dataset=synthcity) and dataset.root=PATH"
@@ -406,12 +406,16 @@ def write_reports(
 
 # ------------------------------------------------------------------------------- the run
 def run_eval(
-    tool_cfg: DictConfig, overrides: Mapping[str, Any], preset: str | None = None
+    tool_cfg: DictConfig,
+    overrides: Mapping[str, Any],
+    preset: str | None = None,
+    dataset_choice: str | None = None,
 ) -> dict[str, Any]:
     """Evaluate ``tool_cfg.ckpt``; returns the metrics (on every rank under DDP).
 
     ``overrides``: dotted keys of the stored config (:func:`user_overrides`); ``preset``:
-    the name of the ``eval=`` preset, whose settings are ``tool_cfg.eval``.
+    the name of the ``eval=`` preset, whose settings are ``tool_cfg.eval``;
+    ``dataset_choice``: the ``dataset=NAME`` config group chosen (for ``.onnx`` models only).
 
     Rank 0 prints the table and writes ``metrics.json`` / ``metrics.md`` to ``tool_cfg.out``
     (default: the checkpoint's folder); with ``save_pred`` every rank writes the
@@ -429,13 +433,11 @@ def run_eval(
     net: InferenceModel | None = None
     if is_onnx(ckpt_path):
         net = load_inference_model(ckpt_path, onnx_threads=onnx_threads)
-        stored = onnx_stored_config(tool_cfg, net, preset)
+        stored = onnx_stored_config(tool_cfg, net, preset, dataset_choice)
         cfg = build_eval_config(stored, {}, sections=("dataset", "eval"))
         check_num_classes(cfg, None, ckpt_path, net.num_classes)  # before reading the data
     else:
-        from hydra.core.hydra_config import HydraConfig
-
-        if HydraConfig.initialized() and HydraConfig.get().runtime.choices.get("dataset"):
+        if dataset_choice is not None:
             raise ConfigError(
                 "dataset=NAME is for ONNX models (ckpt=*.onnx); a checkpoint is evaluated on "
                 "its stored dataset config: change it with dataset.root=..., dataset.split=..."
@@ -543,8 +545,9 @@ def evaluate(tool_cfg: DictConfig) -> int:
     """``tools/eval.py``'s work: the config composed from ``configs/eval.yaml``."""
     from hydra.core.hydra_config import HydraConfig
 
-    preset = HydraConfig.get().runtime.choices.get("eval") if HydraConfig.initialized() else None
-    run_eval(tool_cfg, user_overrides(tool_cfg, preset), preset)
+    choices = HydraConfig.get().runtime.choices if HydraConfig.initialized() else {}
+    preset, dataset_choice = choices.get("eval"), choices.get("dataset")
+    run_eval(tool_cfg, user_overrides(tool_cfg, preset), preset, dataset_choice)
     return 0
 
 

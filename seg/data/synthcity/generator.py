@@ -26,12 +26,7 @@ from seg.data.cityscapes import IMAGE_SUFFIX, LABEL_IDS_SUFFIX
 from seg.data.synthcity.painter import render_scene
 from seg.data.synthcity.params import SynthCityParams
 from seg.errors import DatasetError
-from seg.fileio import write_png
-
-try:  # POSIX advisory locks; without them concurrent first use is the caller's job.
-    import fcntl
-except ImportError:  # pragma: no cover - Windows
-    fcntl = None
+from seg.fileio import exclusive_lock, write_png
 
 MARKER = "synthcity.json"
 FORMAT_VERSION = 1
@@ -97,18 +92,6 @@ def _check_marker(root: Path, marker: dict, params: SynthCityParams) -> None:
         )
 
 
-@contextlib.contextmanager
-def _exclusive_lock(path: Path) -> Iterator[None]:
-    with open(path, "a+") as handle:
-        if fcntl is not None:
-            fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            if fcntl is not None:
-                fcntl.flock(handle, fcntl.LOCK_UN)
-
-
 def generate_synthcity(root: str | Path, params: SynthCityParams, force: bool = False) -> dict:
     """Generate SynthCity at ``root`` atomically (temp folder + rename) under the lock.
 
@@ -117,7 +100,7 @@ def generate_synthcity(root: str | Path, params: SynthCityParams, force: bool = 
     """
     root = Path(root)
     root.parent.mkdir(parents=True, exist_ok=True)
-    with _exclusive_lock(root.parent / f".{root.name}.lock"):
+    with exclusive_lock(root.parent / f".{root.name}.lock"):
         marker = read_marker(root)
         if marker is not None and not force:
             _check_marker(root, marker, params)
