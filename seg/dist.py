@@ -34,9 +34,22 @@ def init_distributed(backend: str | None = None) -> bool:
         return False
     use_cuda = torch.cuda.is_available()
     if use_cuda:
+        check_gpu_per_process(local_rank(), torch.cuda.device_count())
         torch.cuda.set_device(local_rank())
     dist.init_process_group(backend=backend or ("nccl" if use_cuda else "gloo"))
     return True
+
+
+def check_gpu_per_process(rank_on_machine: int, gpus: int) -> None:
+    """Refuse more torchrun processes on a machine than it has GPUs (NCCL runs one process
+    per GPU; without this, the extra process dies on ``invalid device ordinal``)."""
+    if rank_on_machine >= gpus:
+        processes = os.environ.get("LOCAL_WORLD_SIZE", f"more than {gpus}")
+        raise ConfigError(
+            f"torchrun started {processes} processes on this machine, but it has {gpus} "
+            f"GPU(s): LOCAL_RANK {rank_on_machine} has none; use --nproc_per_node={gpus} "
+            "or fewer (CUDA_VISIBLE_DEVICES limits the GPUs seen)"
+        )
 
 
 def is_distributed() -> bool:

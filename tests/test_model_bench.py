@@ -58,3 +58,22 @@ def test_bad_arguments_exit_with_status_2(
     if not torch.cuda.is_available():
         assert benchmark_main(["device=cuda", "sections=[model]", f"out={tmp_path}"]) == 2
         assert "CUDA" in capsys.readouterr().err
+
+
+def test_profile_section_is_opt_in_and_reports_each_workload(tmp_path: Path) -> None:
+    assert "profile" not in parse_sections(None)
+    assert parse_sections("profile") == ["profile"]
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    assert (
+        benchmark_main([f"device={device}", "sections=[profile]", "quick=true", f"out={tmp_path}"])
+        == 0
+    )
+    section = json.loads((tmp_path / "results.json").read_text())["sections"][0]
+    workloads = [r["workload"] for r in section["records"]]
+    assert workloads[0].startswith("inference") and len(workloads) == 3
+    assert any("ohem" in w for w in workloads) and any("ce x5" in w for w in workloads)
+    for record in section["records"]:
+        assert record["wall_ms"] > 0 and len(record["top"]) > 0
+        if device == "cuda":  # kernel time is at most the wall time it was measured in
+            assert 0 < record["device_ms"] <= record["wall_ms"] * 1.05
+            assert record["kernel_launches"] > 0

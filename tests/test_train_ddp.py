@@ -92,3 +92,57 @@ def test_two_process_gloo_training_agrees(tmp_path: Path) -> None:
     loader = build_eval_loader(val_set, batch_size=1, num_workers=0)
     single = evaluator.evaluate(model, loader, torch.device("cpu"), progress=False)
     assert single["mIoU"] == pytest.approx(results[0]["mIoU"], abs=1e-12)
+
+
+def test_more_processes_than_gpus_is_one_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    """torchrun --nproc_per_node=2 on a 1-GPU machine: the second process names the fault
+    instead of dying in ``torch.cuda.set_device`` (found on an H100 machine)."""
+    from seg import dist
+    from seg.errors import ConfigError
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+
+    def no_set_device(index: int) -> None:
+        raise AssertionError(f"set_device({index}) reached")
+
+    monkeypatch.setattr(torch.cuda, "set_device", no_set_device)
+    with pytest.raises(ConfigError, match=r"started 2 processes .* 1 GPU\(s\).*--nproc_per_node=1"):
+        dist.init_distributed()
+    assert not dist.is_distributed()
+    dist.check_gpu_per_process(0, 1)  # one process per GPU is fine
+
+
+@pytest.mark.gpu
+def test_torchrun_with_more_processes_than_gpus_exits_2(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    nproc = torch.cuda.device_count() + 1
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            f"--nproc_per_node={nproc}",
+            str(REPO / "tools" / "train.py"),
+            f"dataset.root={tmp_path / 'synthcity'}",
+            "dataset.generator.height=64",
+            "dataset.generator.width=128",
+            "dataset.generator.num_train=4",
+            "dataset.generator.num_val=2",
+            "dataset.crop_size=[64,128]",
+            "trainer.max_iters=1",
+            f"hydra.run.dir={tmp_path / 'run'}",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode != 0
+    assert f"error: torchrun started {nproc} processes" in result.stderr, result.stderr
+    assert "invalid device ordinal" not in result.stderr

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from seg import dist
-from seg.bench import deploy, loader, loss, model, train_step
+from seg.bench import deploy, loader, loss, model, profile, train_step
 from seg.bench.timing import BenchOptions, Section
 from seg.errors import ConfigError
 from seg.fileio import write_text_atomic
@@ -31,14 +31,17 @@ SECTIONS: dict[str, Callable[[BenchOptions], Section]] = {
     "loader": loader.run,
     "train_step": train_step.run,
     "deploy": deploy.run,
+    "profile": profile.run,
 }
+#: What ``sections: null`` runs: all but the opt-in profile (it explains, it does not time).
+DEFAULT_SECTIONS = ("model", "loss", "loader", "train_step", "deploy")
 
 
 def parse_sections(text: str | Sequence[str] | None) -> list[str]:
     """``"model,loss"`` or ``["model", "loss"]`` -> ``["model", "loss"]``, checked against
-    ``SECTIONS``; ``None``: all of them."""
+    ``SECTIONS``; ``None``: :data:`DEFAULT_SECTIONS`."""
     if text is None:
-        return list(SECTIONS)
+        return list(DEFAULT_SECTIONS)
     items = text.split(",") if isinstance(text, str) else [str(t) for t in text]
     names = [name.strip() for name in items if name.strip()]
     unknown = [name for name in names if name not in SECTIONS]
