@@ -149,7 +149,7 @@ def resumed(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
 @pytest.mark.slow
 def test_training_lowers_the_loss_and_evaluates(trained: TrainResult) -> None:
     assert trained.iteration == MAX_ITERS and trained.stopped_by is None
-    losses = scalars(trained.run_dir, "train/loss")
+    losses = scalars(trained.run_dir, "overview/loss")
     assert len(losses) == MAX_ITERS // 8
     assert all(math.isfinite(v) for v in losses)
     # Every head starts near ln 19 = 2.9 (small classifiers); a model that does not learn
@@ -213,17 +213,28 @@ def test_tensorboard_tags(trained: TrainResult) -> None:
     events.Reload()
     tags = events.Tags()
     scalar_tags = set(tags["scalars"])
-    expected = {"train/loss", "train/lr", "train/speed/images_per_s", "val/mIoU", "val/mIoU_best"}
-    expected |= {"val_detail/mAcc", "val_detail/aAcc"}
-    expected |= {f"train/loss/{h}" for h in HEADS}
+    expected = {"overview/loss", "overview/mIoU", "val/mIoU_best"}
+    expected |= {"train/lr", "train/speed/images_per_s", "val_detail/mAcc", "val_detail/aAcc"}
     expected |= {f"train/stats/{h}/kept_fraction" for h in HEADS}
     assert expected <= scalar_tags, expected - scalar_tags
-    # The first card of each open group: the total loss and the val mIoU (Time Series
-    # sorts by tag); detail, per-class IoU and the confusion matrix are in val_detail.
-    assert min(t for t in scalar_tags if t.startswith("train/")) == "train/loss"
-    assert min(t for t in {*scalar_tags, *tags["images"]} if t.startswith("val/")) == "val/mIoU"
+    # Time Series opens on the overview group: total loss, val mIoU, then one card with a
+    # line per head (sub-runs heads/<head>); detail, per-class IoU and the confusion matrix
+    # are in val_detail.
+    assert min(t.split("/")[0] for t in {*scalar_tags, *tags["images"]}) == "overview"
+    assert sorted(t for t in scalar_tags if t.startswith("overview/")) == [
+        "overview/loss",
+        "overview/mIoU",
+    ]
+    assert not any(t.startswith("train/loss") for t in scalar_tags)
+    assert sorted(p.name for p in (trained.run_dir / "heads").iterdir()) == sorted(HEADS)
+    for head in HEADS:
+        per_head = EventAccumulator(str(trained.run_dir / "heads" / head))
+        per_head.Reload()
+        assert per_head.Tags()["scalars"] == ["overview/per_head_loss"]
+        values = [e.value for e in per_head.Scalars("overview/per_head_loss")]
+        assert len(values) == MAX_ITERS // 8 and all(math.isfinite(v) for v in values)
     assert any(t.startswith("val_detail/IoU/") for t in scalar_tags)
-    # Deliberate change: the HPARAMS tab reads val/mIoU etc., no single-point hparam/* cards.
+    # Deliberate change: the HPARAMS tab reads overview/mIoU etc., no single-point hparam/* cards.
     assert not any(t.startswith("hparam/") for t in scalar_tags)
     assert {"val/sample_0", "val/sample_1", "val_detail/confusion_matrix"} <= set(tags["images"])
     image = events.Images("val/sample_0")[0]
@@ -236,9 +247,9 @@ def test_tensorboard_tags(trained: TrainResult) -> None:
     assert start.hparams["lr"].number_value == pytest.approx(0.01)
     assert start.hparams["max_iters"].number_value == MAX_ITERS
     experiment = HParamsPluginData.FromString(hparams["_hparams_/experiment"]).experiment
-    assert {"val/mIoU", "val/mIoU_best"} <= {m.name.tag for m in experiment.metric_infos}
+    assert {"overview/mIoU", "val/mIoU_best"} <= {m.name.tag for m in experiment.metric_infos}
     assert "_hparams_/session_end_info" in hparams  # the run completed
-    assert [s.step for s in events.Scalars("val/mIoU")] == [16, 32]
+    assert [s.step for s in events.Scalars("overview/mIoU")] == [16, 32]
     best = events.Scalars("val/mIoU_best")[-1].value
     assert best == pytest.approx(trained.best_miou)
 

@@ -19,7 +19,15 @@ from torch import nn
 from seg.engine.amp import build_grad_scaler, resolve_amp
 from seg.engine.build import ema_settings, parse_settings
 from seg.engine.ema import EmaSettings, ModelEma
-from seg.engine.logging import RunLog, train_tag
+from seg.engine.logging import (
+    BEST_MIOU_TAG,
+    HEAD_LOSS_TAG,
+    LOSS_TAG,
+    MIOU_TAG,
+    RunLog,
+    TensorBoardLog,
+    train_tag,
+)
 from seg.engine.optim import build_sgd
 from seg.engine.schedule import WarmupPolyLR
 from seg.engine.state import TrainState, checkpoint_payload, restore
@@ -348,19 +356,40 @@ def test_pruning_leaves_later_snapshots_of_an_abandoned_branch(tmp_path: Path) -
 
 
 # ----------------------------------------------------------------------- TensorBoard
-def test_train_tags_put_the_total_loss_first() -> None:
-    names = ["loss", "loss/main", "loss/aux2", "main/kept_fraction", "lr", "images_per_s"]
+def test_train_tags_put_the_watched_curves_first() -> None:
+    names = ["loss", "main/kept_fraction", "lr", "images_per_s"]
     tags = [train_tag(n) for n in [*names, "nonfinite_steps"]]
     assert tags == [
-        "train/loss",
-        "train/loss/main",
-        "train/loss/aux2",
+        "overview/loss",
         "train/stats/main/kept_fraction",
         "train/lr",
         "train/speed/images_per_s",
         "train/nonfinite_steps",
     ]
-    assert sorted(tags)[0] == "train/loss"  # TensorBoard sorts the cards of a group by tag
+    with pytest.raises(ValueError, match="head_losses"):
+        train_tag("loss/aux2")  # a head's loss has its own sub-run, not a card per head
+    # Time Series sorts groups and the cards in a group by name and opens two groups:
+    # overview comes first, with the total loss, then val mIoU, then the per-head card.
+    overview = sorted([LOSS_TAG, MIOU_TAG, HEAD_LOSS_TAG])
+    assert overview == [LOSS_TAG, MIOU_TAG, HEAD_LOSS_TAG]
+    groups = sorted({t.split("/")[0] for t in [*tags, MIOU_TAG, BEST_MIOU_TAG, "val_detail/aAcc"]})
+    assert groups == ["overview", "train", "val", "val_detail"]
+
+
+def test_each_head_loss_is_a_line_of_one_card(tmp_path: Path) -> None:
+    """The per-head losses share the tag overview/per_head_loss, one sub-run per head."""
+    log = TensorBoardLog(tmp_path)
+    log.head_losses({"main": 2.0, "aux2": 3.0}, step=10)
+    log.head_losses({"main": 1.5, "aux2": 2.5}, step=20)
+    log.scalars({LOSS_TAG: 5.0}, step=10)
+    log.close()
+    assert sorted(p.name for p in (tmp_path / "heads").iterdir()) == ["aux2", "main"]
+    main = _events(tmp_path / "heads" / "main")
+    assert main.Tags()["scalars"] == [HEAD_LOSS_TAG]
+    assert [(e.step, e.value) for e in main.Scalars(HEAD_LOSS_TAG)] == [(10, 2.0), (20, 1.5)]
+    assert _events(tmp_path / "heads" / "aux2").Scalars(HEAD_LOSS_TAG)[-1].value == 2.5
+    assert set(_events(tmp_path).Tags()["scalars"]) == {LOSS_TAG}
+    TensorBoardLog(None).head_losses({"main": 1.0}, step=1)  # other ranks: nothing written
 
 
 def _events(run_dir: Path) -> EventAccumulator:
@@ -412,7 +441,7 @@ def test_run_log_writes_hparams_at_start_and_metrics_at_each_evaluation(tmp_path
     shown_first = {h.name for h in experiment.hparam_infos if h.differs}
     assert shown_first == {"loss", "lr", "seed"}  # the headline ones this run has
     scalars = set(events.Tags()["scalars"])
-    assert {"val/mIoU", "val/mIoU_best"} <= scalars
+    assert {MIOU_TAG, BEST_MIOU_TAG} <= scalars
     assert {"val_detail/mAcc", "val_detail/aAcc"} <= scalars  # HPARAMS metrics exist as scalars
     assert {"val_detail/IoU/road", "val_detail/IoU/car", "val_detail/IoU/sky"} <= scalars
     assert not any(t.startswith("hparam/") for t in scalars)

@@ -13,7 +13,7 @@ timed side by side (interleaved) in one run:
   trainer's CPU default) vs bf16 autocast, the figures behind ``trainer.channels_last: auto``
   and ``trainer.amp=bf16`` on CPUs.
 
-Sizes: CUDA batch 8 at 1024x1024 (the recipe's crop); CPU batch 4 at 256x512; ``quick``
+Sizes: CUDA batch 8 at 1024x1024 (as many pixels as the Cityscapes recipe's batch 16 at 512x1024); CPU batch 4 at 256x512; ``quick``
 batch 2 at 64x128. Peak memory is ``torch.cuda.max_memory_allocated`` over one step (CUDA
 only; CPU memory is not reported).
 """

@@ -25,6 +25,7 @@ from typing import Any
 from omegaconf import OmegaConf
 
 from seg.engine.checkpoint import load_checkpoint
+from seg.engine.logging import MIOU_TAG
 from seg.engine.state import RESULT_NEUTRAL_KEYS, config_differences, describe_differences
 from seg.errors import ConfigError, SegError
 
@@ -199,7 +200,7 @@ def read_run(run: _Run) -> RunResult:
     # Images per optimizer step: the micro-batch times the accumulation steps.
     accumulate = int((run.config.get("trainer") or {}).get("accumulate", 1) or 1)
     batch_size = int(run.config["loader"]["batch_size"]) * accumulate
-    scalars = read_scalars(run.folder, ["val/mIoU", "train/speed/images_per_s"])
+    scalars = read_scalars(run.folder, [MIOU_TAG, "train/speed/images_per_s"])
     speeds = [v for _, v in scalars["train/speed/images_per_s"] if v > 0]
     seconds_per_iter = batch_size / statistics.median(speeds) if speeds else math.nan
     return RunResult(
@@ -209,7 +210,7 @@ def read_run(run: _Run) -> RunResult:
         iteration=int(run.checkpoint["iteration"]),
         miou=float(metrics["mIoU"]),
         class_iou=[math.nan if v is None else float(v) for v in metrics["IoU"]],
-        curve=scalars["val/mIoU"],
+        curve=scalars[MIOU_TAG],
         seconds_per_iter=seconds_per_iter,
     )
 

@@ -6,21 +6,25 @@ TensorBoard. Events go into the run folder itself, so that ``tensorboard --logdi
 outputs`` names a run ``<experiment>/<timestamp>`` (and ``<loss>-seed<n>`` inside a
 comparison folder); a resumed run appends to the same run. Tags are laid out for the
 Time Series view, which sorts groups (the part before the first ``/``) and the cards in
-them alphabetically and opens the first two groups only:
+them alphabetically and opens the first two groups only, so the curves a user watches
+come first, in three cards:
 
-- ``train`` (open): ``train/loss`` (weighted total) first, then ``train/loss/<head>``,
-  ``train/lr``, ``train/nonfinite_steps``, ``train/speed/images_per_s`` and the loss
-  statistics ``train/stats/<head>/<stat>`` (e.g. OHEM's ``kept_fraction``);
-- ``val`` (open): ``val/mIoU`` first, ``val/mIoU_best`` (best so far), and the images
-  ``val/sample_<i>``: input | ground truth | prediction, in the dataset's colours;
+- ``overview`` (open): ``overview/loss`` (the weighted total), ``overview/mIoU`` (val
+  mIoU at each evaluation) and ``overview/per_head_loss``, one line per head: TensorBoard
+  draws one line per run in a card, so each head's loss is written by a writer of its own
+  into ``<run>/heads/<head>`` (runs ``<run>/heads/main``, ``.../aux2``, ...);
+- ``train`` (open): ``train/lr``, ``train/nonfinite_steps``, ``train/speed/images_per_s``
+  and the loss statistics ``train/stats/<head>/<stat>`` (e.g. OHEM's ``kept_fraction``);
+- ``val`` (closed): ``val/mIoU_best`` (best so far) and the images ``val/sample_<i>``:
+  input | ground truth | prediction, in the dataset's colours;
 - ``val_detail`` (closed): ``val_detail/mAcc``, ``val_detail/aAcc``, ``val_detail/fwIoU``,
   the per-class IoU ``val_detail/IoU/<class>`` and the image
   ``val_detail/confusion_matrix`` (rows: ground truth, normalised; IoU per class).
 
 The HPARAMS tab lists the run's hyper-parameters (written when the run starts) with
-metrics read from the scalars above (``val/mIoU``, ``val/mIoU_best``, ``train/loss``...),
-so they follow each evaluation and an interrupted run has them too. The TEXT tab holds the
-composed config (``config``).
+metrics read from the scalars above (``overview/mIoU``, ``val/mIoU_best``,
+``overview/loss``...), so they follow each evaluation and an interrupted run has them too.
+The TEXT tab holds the composed config (``config``).
 """
 
 from __future__ import annotations
@@ -137,6 +141,8 @@ class TensorBoardLog:
 
     def __init__(self, log_dir: Path | None) -> None:
         self.writer = None
+        self.log_dir = log_dir
+        self.head_writers: dict[str, Any] = {}  # head -> its writer in <log_dir>/heads/<head>
         if log_dir is not None:
             from torch.utils.tensorboard import SummaryWriter
 
@@ -148,6 +154,19 @@ class TensorBoardLog:
         for name, value in values.items():
             self.writer.add_scalar(f"{prefix}{name}", value, step)
 
+    def head_losses(self, losses: Mapping[str, float], step: int) -> None:
+        """Each head's loss as ``overview/per_head_loss`` in the head's own sub-run, so that
+        one card shows a line per head."""
+        if self.writer is None or self.log_dir is None:
+            return
+        from torch.utils.tensorboard import SummaryWriter
+
+        for head, value in losses.items():
+            if head not in self.head_writers:
+                folder = self.log_dir / HEADS_DIR / head
+                self.head_writers[head] = SummaryWriter(log_dir=str(folder))
+            self.head_writers[head].add_scalar(HEAD_LOSS_TAG, value, step)
+
     def evaluation(
         self,
         metrics: Mapping[str, Any],
@@ -155,7 +174,7 @@ class TensorBoardLog:
         step: int,
         best_miou: float | None = None,
     ) -> None:
-        """``val/mIoU``, ``val/mIoU_best``, ``val_detail/<metric>`` and the per-class IoU
+        """``overview/mIoU``, ``val/mIoU_best``, ``val_detail/<metric>`` and the per-class IoU
         ``val_detail/IoU/<class>`` (NaN IoUs, classes never seen, are left out)."""
         if self.writer is None:
             return
@@ -209,25 +228,33 @@ class TensorBoardLog:
         self.writer.file_writer.add_summary(end)
 
     def flush(self) -> None:
-        if self.writer is not None:
-            self.writer.flush()
+        for writer in [self.writer, *self.head_writers.values()]:
+            if writer is not None:
+                writer.flush()
 
     def close(self) -> None:
+        for writer in self.head_writers.values():
+            writer.close()
+        self.head_writers = {}
         if self.writer is not None:
             self.writer.close()
             self.writer = None
 
 
-#: Metrics beside the hyper-parameters in the HPARAMS tab (latest value of each scalar).
-MIOU_TAG = "val/mIoU"
+#: The first group of the Time Series view: the curves a user watches (module docstring).
+LOSS_TAG = "overview/loss"
+MIOU_TAG = "overview/mIoU"
+HEAD_LOSS_TAG = "overview/per_head_loss"
+HEADS_DIR = "heads"  # <run>/heads/<head>: one sub-run per head for HEAD_LOSS_TAG
 BEST_MIOU_TAG = "val/mIoU_best"
-HPARAM_METRICS = (MIOU_TAG, BEST_MIOU_TAG, "val_detail/mAcc", "val_detail/aAcc", "train/loss")
+#: Metrics beside the hyper-parameters in the HPARAMS tab (latest value of each scalar).
+HPARAM_METRICS = (MIOU_TAG, BEST_MIOU_TAG, "val_detail/mAcc", "val_detail/aAcc", LOSS_TAG)
 METRIC_NAMES = {
     MIOU_TAG: "mIoU (last eval)",
     BEST_MIOU_TAG: "best mIoU",
     "val_detail/mAcc": "mAcc (last eval)",
     "val_detail/aAcc": "aAcc (last eval)",
-    "train/loss": "train loss (last)",
+    LOSS_TAG: "train loss (last)",
 }
 
 
@@ -251,12 +278,17 @@ def _flag_headline(experiment: Any) -> Any:
 
 
 def train_tag(name: str) -> str:
-    """TensorBoard tag of a training value: ``loss``, ``loss/<head>``, ``lr`` and
-    ``nonfinite_steps`` keep their name, ``images_per_s`` goes under ``speed/`` and loss
-    statistics (``<head>/<stat>``) under ``stats/``, so that ``train/loss`` is the first card."""
+    """TensorBoard tag of a training value other than a head's loss: ``loss`` (the total)
+    is ``overview/loss``; ``lr`` and ``nonfinite_steps`` go under ``train/``,
+    ``images_per_s`` under ``train/speed/`` and loss statistics (``<head>/<stat>``) under
+    ``train/stats/``. A head's loss (``loss/<head>``) goes to :meth:`TensorBoardLog.head_losses`."""
+    if name == "loss":
+        return LOSS_TAG
+    if name.startswith("loss/"):
+        raise ValueError(f"{name!r} is a head's loss: TensorBoardLog.head_losses writes it")
     if name == "images_per_s":
         return "train/speed/images_per_s"
-    if name == "loss" or name.startswith("loss/") or "/" not in name:
+    if "/" not in name:
         return f"train/{name}"
     return f"train/stats/{name}"
 
@@ -352,14 +384,20 @@ class RunLog:
         speed = (iteration - self._clock_iter) * self.global_batch / elapsed
         self.restart_clock(iteration)
         values = {**values, "lr": lr, "images_per_s": speed}
+        head_losses = {
+            k.removeprefix("loss/"): v for k, v in values.items() if k.startswith("loss/")
+        }
         self.tb.scalars(
-            {train_tag(k): v for k, v in values.items() if k != "max_nonfinite_streak"},
+            {
+                train_tag(k): v
+                for k, v in values.items()
+                if k != "max_nonfinite_streak" and not k.startswith("loss/")
+            },
             iteration,
         )
+        self.tb.head_losses(head_losses, iteration)
         self.bar.set_postfix(loss=f"{values['loss']:.4f}", lr=f"{lr:.2e}", img_s=f"{speed:.1f}")
-        heads = " ".join(
-            f"{k.removeprefix('loss/')} {v:.3f}" for k, v in values.items() if k.startswith("loss/")
-        )
+        heads = " ".join(f"{head} {v:.3f}" for head, v in head_losses.items())
         eta = (self.max_iters - iteration) * self.global_batch / max(speed, 1e-9)
         logger.info(
             "iter %d/%d | loss %.4f (%s) | lr %.3e | %.1f img/s | eta %s | non-finite %d",
