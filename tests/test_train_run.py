@@ -443,3 +443,30 @@ def test_cli_run_dir_layout(tmp_path: Path) -> None:
     assert "DEBUG seg.train: built BiSeNetV2" in log
     saved = OmegaConf.load(run_dir / ".hydra" / "config.yaml")
     assert saved.loss.name == "ce"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("amp", ["fp16", "bf16"])
+def test_cuda_training_evaluates_and_extends(tmp_path: Path, amp: str) -> None:
+    """The trainer's CUDA path end to end (AMP, channels_last, cuDNN benchmark mode, the
+    sync-free OHEM selection): finite losses, no skipped step, an evaluation, a checkpoint
+    that a longer run continues. CUDA kernels are not bitwise repeatable (atomic adds in
+    the upsampling backward), so the extension is not compared with an uninterrupted run."""
+    overrides = [o for o in tiny_overrides(tmp_path / "data") if o != "trainer.device=cpu"]
+    overrides += ["trainer.device=cuda", f"trainer.amp={amp}", "trainer.eval_interval=8"]
+    run_dir = tmp_path / "run"
+    first = run(compose_cfg([*overrides, "trainer.max_iters=8"]), run_dir=run_dir)
+    assert first.iteration == 8 and first.stopped_by is None
+    assert 0.0 <= first.metrics["mIoU"] <= 1.0
+    losses = scalars(run_dir, "overview/loss")
+    assert len(losses) == 2 and all(math.isfinite(v) for v in losses)
+    assert scalars(run_dir, "train/nonfinite_steps")[-1] == 0
+    last = run_dir / "checkpoints" / "last.pt"
+    state = load_checkpoint(last, map_location="cpu", required_keys=CHECKPOINT_KEYS)
+    assert state["config"]["trainer"]["amp"] == amp and state["iteration"] == 8
+
+    extended = run(
+        compose_cfg([*overrides, "trainer.max_iters=12", f"resume={last}"]), run_dir=run_dir
+    )
+    assert extended.iteration == 12 and math.isfinite(extended.metrics["mIoU"])
+    assert len(scalars(run_dir, "overview/loss")) == 3
