@@ -384,3 +384,42 @@ def test_hydra_config_instantiates() -> None:
     assert isinstance(net, BiSeNetV2)
     assert net.num_classes == 7
     assert net.aux_heads is not None
+
+
+# ------------------------------------------------------------------ head upsampling
+@pytest.mark.parametrize(
+    ("height", "width", "factor"), [(8, 16, 8), (5, 7, 4), (4, 4, 16), (1, 3, 2)]
+)
+def test_matmul_upsampling_equals_interpolate_values_and_gradients(
+    height: int, width: int, factor: int
+) -> None:
+    from seg.models.upsample import upsample_bilinear_matmul
+
+    x = torch.randn(2, 3, height, width, dtype=torch.float64, requires_grad=True)
+    expected = F.interpolate(x, scale_factor=float(factor), mode="bilinear", align_corners=False)
+    got = upsample_bilinear_matmul(x, factor)
+    assert got.shape == expected.shape
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-12)
+    grad_out = torch.randn_like(expected)
+    (grad_expected,) = torch.autograd.grad(expected, x, grad_out)
+    (grad_got,) = torch.autograd.grad(got, x, grad_out)
+    torch.testing.assert_close(grad_got, grad_expected, rtol=0, atol=1e-12)
+
+
+def test_model_with_matmul_head_upsampling_gives_the_same_logits() -> None:
+    torch.manual_seed(0)
+    reference = BiSeNetV2(5, head_upsample="interpolate")
+    matmul = BiSeNetV2(5, head_upsample="matmul")
+    matmul.load_state_dict(reference.state_dict())  # no new parameters
+    images = torch.randn(2, 3, 64, 96).contiguous(memory_format=torch.channels_last)
+    reference.train()
+    matmul.train()
+    torch.manual_seed(1)
+    expected = reference(images)
+    torch.manual_seed(1)  # the same dropout masks
+    got = matmul(images)
+    assert got.keys() == expected.keys() == {"main", *AUX_HEADS}
+    for name in expected:
+        torch.testing.assert_close(got[name], expected[name], rtol=1e-5, atol=1e-5)
+    with pytest.raises(ConfigError, match=r"model\.head_upsample .*'bicubic'"):
+        BiSeNetV2(5, head_upsample="bicubic")

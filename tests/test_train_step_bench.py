@@ -20,7 +20,13 @@ def test_bench_batch_is_loader_like() -> None:
 def test_train_step_section_quick_cpu() -> None:
     section = run(BenchOptions(device="cpu", repeats=1, warmup=1, quick=True))
     names = [r["name"] for r in section.records]
-    assert names == ["ce x5", "ohem x5", "plain eager fp32 NCHW", "tuned (trainer)"]
+    assert names == [
+        "ce x5",
+        "ohem x5",
+        "plain eager fp32 NCHW",
+        "tuned (trainer)",
+        "tuned, matmul head upsampling",
+    ]
     assert all(r["extra"]["images_per_s"] > 0 for r in section.records)
     assert "ohem x5" in section.markdown and "images/s" in section.markdown
     assert any("peak memory" in note for note in section.skipped)
@@ -35,4 +41,5 @@ def test_train_step_section_quick_cuda() -> None:
     assert by_name["tuned (trainer)"]["cudnn_benchmark"] is True
     assert by_name["tuned, cuDNN benchmark off"]["cudnn_benchmark"] is False
     assert by_name["plain eager fp32 NCHW"]["precision"] == "fp32"
+    assert by_name["tuned, matmul head upsampling"]["precision"] == "fp16"
     assert all(extra["peak_memory_mib"] > 0 for extra in by_name.values())

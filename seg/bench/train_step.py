@@ -7,8 +7,10 @@ timed side by side (interleaved) in one run:
 - ``loss``: OHEM on all five heads vs cross-entropy on all five, both with the settings
   ``tools/train.py`` uses on the device (channels_last, fp16 AMP on CUDA, fused SGD);
 - ``tuning``: a plain eager step (float32, NCHW, for-loop SGD, no skip guard, cuDNN's
-  heuristic algorithms) vs that tuned step; on CUDA also the tuned step without cuDNN
-  benchmark mode and (full runs only) the tuned step under ``torch.compile``;
+  heuristic algorithms) vs that tuned step, and the tuned step with the heads' logits
+  upsampled by matrix products (``model.head_upsample=matmul``); on CUDA also the tuned
+  step without cuDNN benchmark mode and (full runs only) the tuned step under
+  ``torch.compile``;
 - ``cpu layout/precision`` (CPU full runs only): float32 NCHW vs float32 channels_last (the
   trainer's CPU default) vs bf16 autocast, the figures behind ``trainer.channels_last: auto``
   and ``trainer.amp=bf16`` on CPUs.
@@ -57,6 +59,7 @@ class Variant:
     amp: str | None = None  # override the tuned step's precision ("off" | "fp16" | "bf16")
     channels_last: bool | None = None  # override the tuned step's memory format
     cudnn_benchmark: bool | None = None  # override the tuned step's cuDNN benchmark mode
+    head_upsample: str = "interpolate"  # model.head_upsample: "interpolate" | "matmul"
 
     def uses_cudnn_benchmark(self, device: str) -> bool:
         """Whether ``torch.backends.cudnn.benchmark`` is on while this variant runs."""
@@ -94,7 +97,7 @@ def _loss(kind: str) -> MultiHeadLoss:
 def build_step(variant: Variant, device: str, state: dict[str, torch.Tensor]) -> TrainStep:
     """A ``TrainStep`` for ``variant`` with a fresh BiSeNetV2 holding ``state``."""
     dev = torch.device(device)
-    model = BiSeNetV2(NUM_CLASSES)
+    model = BiSeNetV2(NUM_CLASSES, head_upsample=variant.head_upsample)
     model.load_state_dict(state)
     channels_last = use_channels_last("auto", dev) if variant.tuned else False
     if variant.tuned and variant.channels_last is not None:
@@ -223,7 +226,11 @@ def run(options: BenchOptions) -> Section:
         warmup,
         state,
     )
-    tuning = [Variant("plain eager fp32 NCHW", tuned=False), Variant("tuned (trainer)")]
+    tuning = [
+        Variant("plain eager fp32 NCHW", tuned=False),
+        Variant("tuned (trainer)"),
+        Variant("tuned, matmul head upsampling", head_upsample="matmul"),
+    ]
     if on_cuda:
         tuning.append(Variant("tuned, cuDNN benchmark off", cudnn_benchmark=False))
     else:

@@ -26,6 +26,7 @@ from torch import nn
 
 from seg.errors import ConfigError
 from seg.models.convert import convert_backbone
+from seg.models.upsample import HEAD_UPSAMPLE_MODES, upsample_bilinear_matmul
 from seg.models.weights import load_into, load_weights, read_weights_file
 
 #: Total stride of the semantic branch; input sides are padded to a multiple of it.
@@ -241,13 +242,26 @@ class SegmentHead(nn.Module):
     Main head: 3x3 ConvBNReLU to ``hidden`` channels, dropout, 1x1 conv to classes,
     bilinear upsampling by ``upsample``. Auxiliary heads (``aux=True``) add a nearest x2
     upsampling and a 3x3 ConvBNReLU to ``upsample**2`` channels before the classifier, then
-    upsample by ``upsample / 2``.
+    upsample by ``upsample / 2``. ``upsample_mode``: ``interpolate`` (F.interpolate) or
+    ``matmul`` (two matrix products, same values: seg.models.upsample).
     """
 
     def __init__(
-        self, in_channels: int, hidden: int, num_classes: int, upsample: int, aux: bool = False
+        self,
+        in_channels: int,
+        hidden: int,
+        num_classes: int,
+        upsample: int,
+        aux: bool = False,
+        upsample_mode: str = "interpolate",
     ) -> None:
         super().__init__()
+        if upsample_mode not in HEAD_UPSAMPLE_MODES:
+            raise ConfigError(
+                f"model.head_upsample must be one of {list(HEAD_UPSAMPLE_MODES)}, "
+                f"got {upsample_mode!r}"
+            )
+        self.upsample_mode = upsample_mode
         self.conv = ConvBN(in_channels, hidden)
         self.drop = nn.Dropout(0.1)
         if aux:
@@ -264,6 +278,8 @@ class SegmentHead(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         logits = self.classifier(self.refine(self.drop(self.conv(x))))
+        if self.upsample_mode == "matmul":
+            return upsample_bilinear_matmul(logits, self.upsample)
         return F.interpolate(
             logits, scale_factor=float(self.upsample), mode="bilinear", align_corners=False
         )
@@ -317,6 +333,9 @@ class BiSeNetV2(nn.Module):
         bga_upsample: "bilinear" (default, the behaviour of earlier seg checkpoints and of
             mmsegmentation) or "nearest" (CoinCheung/BiSeNet) upsampling in the BGA layer.
         bga_pointwise_bias: give the BGA's two 1x1 convolutions a bias (mmsegmentation).
+        head_upsample: how the heads upsample their logits to the input size:
+            "interpolate" (F.interpolate, default) or "matmul" (the same bilinear values as
+            two matrix products, whose backward needs no atomic adds on GPUs).
     """
 
     def __init__(
@@ -330,6 +349,7 @@ class BiSeNetV2(nn.Module):
         backbone_weights: str | None = None,
         bga_upsample: str = "bilinear",
         bga_pointwise_bias: bool = False,
+        head_upsample: str = "interpolate",
     ) -> None:
         super().__init__()
         if num_classes < 1:
@@ -338,12 +358,14 @@ class BiSeNetV2(nn.Module):
         self.detail = DetailBranch()
         self.semantic = SemanticBranch()
         self.bga = BilateralGuidedAggregation(128, bga_upsample, bga_pointwise_bias)
-        self.head = SegmentHead(128, 1024, num_classes, upsample=8)
+        self.head = SegmentHead(128, 1024, num_classes, upsample=8, upsample_mode=head_upsample)
         self.aux_heads: nn.ModuleDict | None = None
         if aux_heads:
             self.aux_heads = nn.ModuleDict(
                 {
-                    name: SegmentHead(channels, 128, num_classes, upsample=factor, aux=True)
+                    name: SegmentHead(
+                        channels, 128, num_classes, factor, aux=True, upsample_mode=head_upsample
+                    )
                     for name, (_feature, channels, factor) in AUX_HEADS.items()
                 }
             )
