@@ -21,18 +21,32 @@ def env_world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
-def init_distributed(backend: str | None = None) -> bool:
+def wants_cuda(setting: str) -> bool:
+    """Whether a device setting (``auto``, ``cpu``, ``cuda``, ``cuda:N``) runs on CUDA here.
+    A setting that does not parse counts as not CUDA (:func:`resolve_device` reports it)."""
+    if setting == "auto":
+        return torch.cuda.is_available()
+    try:
+        return torch.device(setting).type == "cuda"
+    except (RuntimeError, TypeError):
+        return False
+
+
+def init_distributed(use_cuda: bool | None = None, backend: str | None = None) -> bool:
     """Join the process group described by torchrun's environment variables.
 
     Returns True when running distributed (world size > 1). Calling it again, or in a
-    plain single process, is harmless. On CUDA machines each process is pinned to the GPU
-    ``LOCAL_RANK`` so that NCCL collectives use the right device.
+    plain single process, is harmless. ``use_cuda``: whether the run computes on GPUs
+    (default: whenever CUDA is available); then each process is pinned to the GPU
+    ``LOCAL_RANK`` and the backend is NCCL, else Gloo (a ``device=cpu`` run on a GPU
+    machine must not ask NCCL to reduce CPU tensors).
     """
     if dist.is_available() and dist.is_initialized():
         return True
     if env_world_size() <= 1:
         return False
-    use_cuda = torch.cuda.is_available()
+    if use_cuda is None:
+        use_cuda = torch.cuda.is_available()
     if use_cuda:
         check_gpu_per_process(local_rank(), torch.cuda.device_count())
         torch.cuda.set_device(local_rank())

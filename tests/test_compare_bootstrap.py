@@ -120,3 +120,18 @@ def test_a_loss_is_called_ahead_only_when_its_interval_excludes_zero() -> None:
     assert line.endswith("no clear difference (the interval holds 0)")
     low, high = same.pairs[0].miou.low, same.pairs[0].miou.high
     assert low < 0 < high
+
+
+def test_report_device_auto_keeps_a_cpu_trained_run_on_the_cpu(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # a GPU machine
+    cpu_run = {"trainer": {"device": "cpu"}}
+    auto_run = {"trainer": {"device": "auto"}}
+    assert per_image.report_device("auto", cpu_run) == torch.device("cpu")
+    assert per_image.report_device("auto", auto_run).type == "cuda"
+    assert per_image.report_device("cpu", auto_run) == torch.device("cpu")
+    with pytest.raises(Exception, match="report_device must be auto, cpu"):
+        per_image.report_device("gpu0", cpu_run)

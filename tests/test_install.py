@@ -64,3 +64,19 @@ def test_albumentations_and_hydra_major_versions() -> None:
 
     assert albumentations.__version__.split(".")[0] == "2"
     assert hydra.__version__.startswith("1.3")
+
+
+def test_importing_seg_turns_off_albumentations_network_check() -> None:
+    """albumentations asks PyPI for updates at import and warns on stderr when offline,
+    which broke the one-line error output on a machine without network."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "NO_ALBUMENTATIONS_UPDATE"}
+    code = "import os, seg.data.transforms; print(os.environ['NO_ALBUMENTATIONS_UPDATE'])"
+    done = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0 and done.stdout.strip() == "1", done.stderr
+    assert done.stderr == ""

@@ -146,3 +146,28 @@ def test_torchrun_with_more_processes_than_gpus_exits_2(tmp_path: Path) -> None:
     assert result.returncode != 0
     assert f"error: torchrun started {nproc} processes" in result.stderr, result.stderr
     assert "invalid device ordinal" not in result.stderr
+
+
+def test_cpu_run_on_a_gpu_machine_joins_over_gloo(monkeypatch: pytest.MonkeyPatch) -> None:
+    """trainer.device=cpu under torchrun on a GPU machine: Gloo and no GPU pinning (NCCL
+    cannot reduce CPU tensors; found by the first GPU run of the suite)."""
+    from seg import dist
+
+    joined: list[str] = []
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda index: joined.append(f"gpu{index}"))
+    monkeypatch.setattr(
+        torch.distributed, "init_process_group", lambda backend: joined.append(backend)
+    )
+    assert dist.init_distributed(use_cuda=dist.wants_cuda("cpu"))
+    assert joined == ["gloo"]
+    assert [dist.wants_cuda(s) for s in ("auto", "cuda", "cuda:0", "cpu", "bogus")] == [
+        True,
+        True,
+        True,
+        False,
+        False,
+    ]

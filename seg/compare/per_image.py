@@ -103,11 +103,24 @@ def _read_kept(path: Path, stamp: np.ndarray) -> PerImage | None:
         return None
 
 
-def _evaluate(checkpoint_path: Path, device: torch.device) -> tuple[PerImage, float]:
+def report_device(setting: torch.device | str, config: Mapping[str, Any]) -> torch.device:
+    """Where to evaluate a run again: ``auto`` is the CPU for a run that trained with
+    ``trainer.device=cpu`` (a GPU's kernels may flip a few pixels of it and trip the
+    mIoU check), else this machine's default device; anything else as given."""
+    if not isinstance(setting, str):
+        return setting
+    if setting == "auto" and str((config.get("trainer") or {}).get("device", "auto")) == "cpu":
+        return torch.device("cpu")
+    return dist.resolve_device(setting, "report_device")
+
+
+def _evaluate(checkpoint_path: Path, device_setting: torch.device | str) -> tuple[PerImage, float]:
     """Evaluate ``checkpoint_path`` on its run's val split; returns (result, stored mIoU)."""
     checkpoint = load_checkpoint(checkpoint_path, map_location="cpu")
     config = checkpoint["config"]  # checked by load_inference_model before anything is built
     stored = float(((checkpoint.get("metrics") or {}).get("val") or {})["mIoU"])
+    device = report_device(device_setting, config)
+    log.info("per-image confusion matrices of %s on %s", checkpoint_path, device)
     net = load_inference_model(checkpoint_path, device, checkpoint=checkpoint)
     dataset = build_run_dataset(config["dataset"]["val"], f"val dataset of {checkpoint_path}")
     evaluator: Evaluator = build_from_checkpoint(
@@ -117,6 +130,7 @@ def _evaluate(checkpoint_path: Path, device: torch.device) -> tuple[PerImage, fl
         dataset,
         batch_size=evaluator.batch_size,
         num_workers=int((config.get("loader") or {}).get("num_workers", 0)),
+        pin_memory=device.type == "cuda",
     )
     sink = ConfusionPerImage(evaluator.num_classes, evaluator.ignore_index)
     evaluator.evaluate(net.model, loader, device, progress=False, on_prediction=sink)
@@ -141,8 +155,6 @@ def per_image_confusions(run_dir: Path, device: torch.device | str = "auto") -> 
     kept = _read_kept(kept_path, stamp)
     if kept is not None:
         return kept
-    device = dist.resolve_device(device) if isinstance(device, str) else device
-    log.info("per-image confusion matrices of %s on %s", checkpoint_path, device)
     result, stored = _evaluate(checkpoint_path, device)
     if abs(result.miou - stored) > MIOU_TOLERANCE:
         raise ReevaluationMismatch(

@@ -328,6 +328,7 @@ def build_parts(
         rank=settings.rank,
         world_size=settings.world_size,
         start_iter=start_iter * settings.accumulate,
+        pin_memory=device.type == "cuda",
     )
     val_loader = build_eval_loader(
         val_set,
@@ -335,6 +336,7 @@ def build_parts(
         num_workers=settings.num_workers,
         rank=settings.rank,
         world_size=settings.world_size,
+        pin_memory=device.type == "cuda",
     )
     if settings.accumulate > 1:
         logger.info(

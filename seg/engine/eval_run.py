@@ -451,7 +451,9 @@ def run_eval(
         cfg = build_eval_config(checkpoint["config"], overrides, preset_node)
     out_dir = Path(str(tool_cfg.out)) if tool_cfg.get("out") else ckpt_path.parent
 
-    started_dist = not dist.is_distributed() and dist.init_distributed()
+    # An ONNX model runs on onnxruntime's CPU provider: Gloo, whatever the device setting.
+    use_cuda = net is None and dist.wants_cuda(str(tool_cfg.get("device", "auto")))
+    started_dist = not dist.is_distributed() and dist.init_distributed(use_cuda=use_cuda)
     try:
         device = dist.resolve_device(str(tool_cfg.get("device", "auto")))
         # Evaluation images share one size per dataset (or one per scale / window), so cuDNN's
@@ -475,6 +477,7 @@ def run_eval(
             num_workers=int(loader_cfg.get("num_workers", 0)),
             rank=dist.get_rank(),
             world_size=dist.get_world_size(),
+            pin_memory=device.type == "cuda",
         )
         class_names = list(evaluator.class_names or range(evaluator.num_classes))
         class_names = [str(n) for n in class_names]

@@ -74,7 +74,8 @@ def run(cfg: DictConfig, run_dir: Path | None = None) -> TrainResult:
     several tasks (and leaves it at the end).
     """
     export_submitit_dist_env()
-    joined = not dist.is_distributed() and dist.init_distributed()
+    use_cuda = dist.wants_cuda(str(cfg.trainer.get("device", "auto")))
+    joined = not dist.is_distributed() and dist.init_distributed(use_cuda=use_cuda)
     try:
         return _run(cfg, run_dir)
     finally:
