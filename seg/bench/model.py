@@ -75,7 +75,7 @@ def _variants(device: torch.device, quick: bool) -> tuple[list[Variant], list[st
     return variants, skipped
 
 
-def _build_runner(
+def build_runner(
     models: dict[bool, nn.Module], variant: Variant, images: torch.Tensor, device: torch.device
 ) -> Callable[[], torch.Tensor]:
     """A no-argument callable running one inference of ``variant`` on ``images``.
@@ -174,7 +174,7 @@ def _time_variants(
         runners: dict[str, Callable[[], torch.Tensor]] = {}
         first_call_s: dict[str, float] = {}
         for variant in variants:
-            runner = _build_runner(models, variant, images, device)
+            runner = build_runner(models, variant, images, device)
             start = time.perf_counter()
             try:
                 runner()  # compiles where needed; also proves the variant runs here

@@ -16,7 +16,6 @@ target back" when a timing section misses one.
 
 from __future__ import annotations
 
-import contextlib
 import time
 from collections.abc import Callable
 from typing import Any
@@ -25,31 +24,35 @@ import torch
 from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 
+from seg.bench import model as model_bench
 from seg.bench.timing import BenchOptions, Section, synchronize
-from seg.bench.train_step import CPU_SIZE, CUDA_SIZE, QUICK_SIZE, Variant, build_step, make_batch
+from seg.bench.train_step import (
+    CPU_SIZE,
+    CUDA_SIZE,
+    NUM_CLASSES,
+    QUICK_SIZE,
+    Variant,
+    build_step,
+    make_batch,
+)
 from seg.models.bisenetv2 import BiSeNetV2
 from seg.tables import markdown_table
 
-NUM_CLASSES = 19
 TOP_OPS = 12  # operators listed per workload
 
 
 def _inference(device: torch.device, size: tuple[int, int]) -> Callable[[], object]:
-    """One eager batch-1 inference, fp16 autocast on CUDA (float32 on CPU), channels_last."""
+    """One eager batch-1 inference as the model section runs it: channels_last, fp16
+    autocast on CUDA (float32 on CPU)."""
     model = BiSeNetV2(NUM_CLASSES, aux_heads=False).to(device).eval()
     model = model.to(memory_format=torch.channels_last)
-    images = torch.randn(1, 3, *size, device=device).contiguous(memory_format=torch.channels_last)
-    autocast = (
-        torch.autocast("cuda", dtype=torch.float16)
-        if device.type == "cuda"
-        else contextlib.nullcontext()
+    variant = model_bench.Variant(
+        "inference",
+        channels_last=True,
+        autocast_dtype=torch.float16 if device.type == "cuda" else None,
     )
-
-    def run() -> object:
-        with torch.inference_mode(), autocast:
-            return model(images)
-
-    return run
+    images = torch.randn(1, 3, *size, device=device)
+    return model_bench.build_runner({True: model}, variant, images, device)
 
 
 def _profile(

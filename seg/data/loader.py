@@ -171,12 +171,12 @@ def seed_worker(worker_id: int, base_seed: int) -> None:
     np.random.seed(worker_seed)
 
 
-def _loader_kwargs(num_workers: int, pin_memory: bool | None, seed: int) -> dict:
+def _loader_kwargs(num_workers: int, pin_memory: bool, seed: int) -> dict:
     if num_workers < 0:
         raise ConfigError(f"num_workers must be >= 0, got {num_workers}")
     kwargs: dict = {
         "num_workers": num_workers,
-        "pin_memory": torch.cuda.is_available() if pin_memory is None else pin_memory,
+        "pin_memory": pin_memory,
         "worker_init_fn": partial(seed_worker, base_seed=seed),
         "generator": torch.Generator().manual_seed(seed),
     }
@@ -194,15 +194,17 @@ def build_train_loader(
     rank: int = 0,
     world_size: int = 1,
     start_iter: int = 0,
-    pin_memory: bool | None = None,
+    pin_memory: bool = False,
 ) -> DataLoader:
     """Endless training loader over ``dataset`` (batches of ``batch_size`` per rank).
 
     Batches: ``{"image": uint8 N x H x W x 3, "label": uint8 N x H x W, "name": [str]}``.
     Iterate it once (``it = iter(loader)``; ``next(it)`` per step). With ``start_iter=i`` the
     first batch is the one an uninterrupted run would have used at iteration ``i``.
-    ``pin_memory`` defaults to True when CUDA is available. A ``SegError`` raised by an
-    item is raised by ``next(it)``, as itself, from workers too.
+    ``pin_memory``: True for a run on CUDA (page-locked batches copy to the GPU without
+    waiting); callers decide from their device, as a CPU run on a GPU machine must not
+    pin. A ``SegError`` raised by an item is raised by ``next(it)``, as itself, from
+    workers too.
     """
     if batch_size < 1:
         raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
@@ -225,7 +227,7 @@ def build_eval_loader(
     num_workers: int,
     rank: int = 0,
     world_size: int = 1,
-    pin_memory: bool | None = None,
+    pin_memory: bool = False,
 ) -> DataLoader:
     """Finite loader over this rank's shard of ``dataset`` in index order (no duplicates).
 

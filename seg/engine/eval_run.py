@@ -451,11 +451,12 @@ def run_eval(
         cfg = build_eval_config(checkpoint["config"], overrides, preset_node)
     out_dir = Path(str(tool_cfg.out)) if tool_cfg.get("out") else ckpt_path.parent
 
+    device_setting = str(tool_cfg.get("device", "auto"))
     # An ONNX model runs on onnxruntime's CPU provider: Gloo, whatever the device setting.
-    use_cuda = net is None and dist.wants_cuda(str(tool_cfg.get("device", "auto")))
+    use_cuda = net is None and dist.wants_cuda(device_setting)
     started_dist = not dist.is_distributed() and dist.init_distributed(use_cuda=use_cuda)
     try:
-        device = dist.resolve_device(str(tool_cfg.get("device", "auto")))
+        device = dist.resolve_device(device_setting)
         # Evaluation images share one size per dataset (or one per scale / window), so cuDNN's
         # per-shape algorithm timing pays back, as in training.
         torch.backends.cudnn.benchmark = device.type == "cuda"

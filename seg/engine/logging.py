@@ -157,10 +157,11 @@ class TensorBoardLog:
     def head_losses(self, losses: Mapping[str, float], step: int) -> None:
         """Each head's loss as ``overview/per_head_loss`` in the head's own sub-run, so that
         one card shows a line per head."""
-        if self.writer is None or self.log_dir is None:
+        if self.writer is None:
             return
         from torch.utils.tensorboard import SummaryWriter
 
+        assert self.log_dir is not None  # there is a writer
         for head, value in losses.items():
             if head not in self.head_writers:
                 folder = self.log_dir / HEADS_DIR / head
