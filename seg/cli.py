@@ -24,7 +24,7 @@ printed as ONE line, ``error: <message>``, on stderr, and the process exits with
       on a path (an unwritable output folder; the message names the path), and any
       ``SegError`` class that says so (``exit_status = 2``, e.g. a missing extra)
 128+N stopped by signal N (the run saved what it had first): 130 SIGINT, 143 SIGTERM,
-      138 SIGUSR1, 140 SIGUSR2 (``seg.engine.signals``)
+      138 SIGUSR1, 140 SIGUSR2 (``seg.signals``)
 ====  ===========================================================================
 
 Inside a multirun (``-m``) a failing job prints its line prefixed with its overrides and
@@ -56,6 +56,8 @@ from omegaconf import DictConfig, open_dict, read_write
 from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 
 from seg.errors import CheckpointError, ConfigError, DatasetError, SegError
+from seg.signals import exit_status as signal_status
+from seg.signals import sweep_stopped
 
 #: The project's config folder (``configs/``): every tool's config lives here.
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
@@ -175,14 +177,11 @@ def run_job(work: Work, cfg: DictConfig) -> None:
     ``error:`` line). In a multirun a failure raises :class:`JobFailed` so that Hydra
     records it and goes on with the other jobs. A job stopped by a signal ends the sweep:
     with the basic launcher at once (``SystemExit``); with joblib or submitit as a failed
-    job once every running job has saved (``seg.engine.signals.SweepSignals``), jobs of
+    job once every running job has saved (``seg.signals.SweepSignals``), jobs of
     a stopped sweep not started yet are skipped.
     """
     if in_multirun():
         from hydra.core.hydra_config import HydraConfig
-
-        from seg.engine.signals import exit_status as signal_status
-        from seg.engine.signals import sweep_stopped
 
         stopped = sweep_stopped(Path(str(HydraConfig.get().sweep.dir)))
         if stopped is not None:

@@ -26,7 +26,6 @@ import os
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import numpy as np
@@ -34,9 +33,11 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from seg.engine.load import InferenceModel, load_inference_model
+from seg.engine.load import load_inference_model
 from seg.errors import ConfigError, SegError, first_line
+from seg.extras import require_deploy
 from seg.fileio import partial_path, remove_stale_partials, write_bytes_atomic
+from seg.models.inference_model import InferenceModel
 from seg.values import bool_setting, int_setting
 
 #: Lowest opset the torch.export-based exporter writes without a failing down-conversion.
@@ -45,37 +46,12 @@ MIN_OPSET = 18
 CHECK_SIZES: tuple[tuple[int, int, int], ...] = ((1, 256, 512), (2, 200, 300))
 #: Tracing input (batch 2: torch.export specialises dimensions of size 1).
 SAMPLE_SIZE = (2, 3, 128, 256)
-INSTALL_HINT = "pip install -e '.[deploy]'"
 #: Loggers of the exporter's graph passes: one INFO line per pass, noise for users.
 _CHATTY_LOGGERS = ("onnxscript", "onnx_ir")
 
 
-class DeployDependencyError(SegError):
-    """A package of the ``deploy`` extra (onnx, onnxscript, onnxruntime) is missing."""
-
-    exit_status = 2  # the user installs it (seg/cli.py: bad input or environment)
-
-
 class ExportError(SegError):
     """The export failed, or the exported model does not match PyTorch."""
-
-
-def require_deploy() -> tuple[ModuleType, ModuleType]:
-    """Import ``(onnx, onnxruntime)`` (and check onnxscript, which the exporter needs).
-
-    Raises:
-        DeployDependencyError: naming the missing package and the extra to install.
-    """
-    try:
-        import onnx
-        import onnxruntime
-        import onnxscript  # noqa: F401  (imported by torch.onnx.export(dynamo=True))
-    except ImportError as error:
-        name = error.name or str(error)
-        raise DeployDependencyError(
-            f"ONNX export needs the 'deploy' extra ({name} is not installed): {INSTALL_HINT}"
-        ) from None
-    return onnx, onnxruntime
 
 
 class DeployModel(nn.Module):

@@ -38,9 +38,10 @@ from tqdm import tqdm
 from seg.data.batch import normalize_images
 from seg.engine.amp import amp_choice, autocast, resolve_amp
 from seg.engine.inference import INFERENCE_MODES, predict_probs
-from seg.engine.load import InferenceModel, is_onnx, load_inference_model
+from seg.engine.load import is_onnx, load_inference_model
 from seg.errors import ConfigError, DatasetError
 from seg.fileio import partial_path, remove_stale_partials, write_png
+from seg.models.inference_model import InferenceModel
 from seg.values import bool_setting, float_setting, int_setting, pair_setting, scales_setting
 from seg.visualize import colorize, overlay, palette_array
 

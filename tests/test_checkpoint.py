@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from seg.engine import checkpoint as ckpt_module
-from seg.engine.checkpoint import CHECKPOINT_KEYS, load_checkpoint, save_checkpoint
+from seg import checkpoint as ckpt_module
+from seg.checkpoint import CHECKPOINT_KEYS, load_checkpoint, save_checkpoint
 from seg.errors import CheckpointError
 
 

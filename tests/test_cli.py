@@ -11,8 +11,8 @@ import pytest
 import torch
 from hydra.errors import ConfigCompositionException
 
+from seg import signals
 from seg.cli import JobFailed, error_line, exit_status, run_in_process
-from seg.engine import signals
 from seg.engine.loop import NonFiniteLossError
 from seg.errors import CheckpointError, ConfigError, DatasetError, SegError
 
@@ -35,7 +35,8 @@ def test_exit_status_of_each_kind_of_error(error: BaseException, status: int) ->
 
 
 def test_a_seg_error_class_may_set_its_own_status() -> None:
-    from seg.export import DeployDependencyError, ExportError
+    from seg.export import ExportError
+    from seg.extras import DeployDependencyError
 
     assert exit_status(DeployDependencyError("pip install -e '.[deploy]'")) == 2
     assert exit_status(ExportError("logits differ")) == 1

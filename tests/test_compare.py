@@ -15,10 +15,10 @@ from pathlib import Path
 
 import pytest
 
+from seg.checkpoint import save_checkpoint
 from seg.compare.runs import RunResult
 from seg.compare.stats import rare_classes, summarize
 from seg.compare.sweep import launcher_overrides, main, plan_sweep, train_overrides
-from seg.engine.checkpoint import save_checkpoint
 from seg.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]

@@ -13,10 +13,10 @@ import pytest
 from hydra import compose, initialize_config_dir
 
 from seg.bootstrap import iou_from_confusion, miou_from_confusion, paired_bootstrap
+from seg.checkpoint import load_checkpoint, save_checkpoint
 from seg.compare import per_image
 from seg.compare.per_image import CACHE_NAME, ReevaluationMismatch, per_image_confusions
 from seg.compare.report import class_verdict_lines, difference_lines
-from seg.engine.checkpoint import load_checkpoint, save_checkpoint
 from seg.engine.train_run import run
 
 REPO = Path(__file__).resolve().parents[1]

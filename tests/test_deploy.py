@@ -17,12 +17,12 @@ import torch.nn.functional as F
 from onnx import TensorProto, helper
 from torch import nn
 
-from seg.deploy.onnx_model import OnnxModel, parse_metadata
 from seg.deploy.quantize import CalibrationSet, pick_calibration_images, quantize_int8
 from seg.engine.evaluator import Evaluator
 from seg.engine.inference import predict_probs
 from seg.errors import CheckpointError, ConfigError, DatasetError
 from seg.export import export_onnx, read_onnx_metadata
+from seg.models.onnx_model import OnnxModel, parse_metadata
 
 NUM_CLASSES = 4
 MEAN, STD = [0.4, 0.45, 0.5], [0.2, 0.25, 0.3]

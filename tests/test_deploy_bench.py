@@ -7,7 +7,7 @@ import torch
 
 from seg.bench import deploy
 from seg.bench.timing import BenchOptions
-from seg.export import DeployDependencyError
+from seg.extras import DeployDependencyError
 
 
 @pytest.mark.slow

@@ -22,8 +22,8 @@ import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
+from seg.checkpoint import save_checkpoint
 from seg.data.synthcity import SynthCityParams, generate_synthcity
-from seg.engine.checkpoint import save_checkpoint
 from seg.engine.eval_run import CONFIG_DIR, main
 from seg.engine.load import load_inference_model
 from seg.errors import ConfigError

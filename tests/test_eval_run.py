@@ -25,9 +25,9 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 from torch import nn
 
+from seg.checkpoint import save_checkpoint
 from seg.data.labels import CITYSCAPES_PALETTE
 from seg.data.synthcity import SynthCityParams, generate_synthcity
-from seg.engine.checkpoint import save_checkpoint
 from seg.engine.eval_run import CONFIG_DIR, main
 from seg.instantiate import allow_targets
 from seg.models.bisenetv2 import BiSeNetV2

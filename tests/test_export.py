@@ -15,17 +15,16 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from seg.engine.checkpoint import load_checkpoint, save_checkpoint
+from seg.checkpoint import load_checkpoint, save_checkpoint
 from seg.errors import ConfigError
 from seg.export import (
-    DeployDependencyError,
     ExportError,
     check_onnx,
     export_checkpoint,
     export_onnx,
     read_onnx_metadata,
-    require_deploy,
 )
+from seg.extras import DeployDependencyError, require_deploy
 from seg.models.bisenetv2 import BiSeNetV2
 
 REPO = Path(__file__).resolve().parents[1]

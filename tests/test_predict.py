@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 import torch
 
+from seg.checkpoint import save_checkpoint
 from seg.data.batch import normalize_images
-from seg.engine.checkpoint import save_checkpoint
 from seg.engine.load import load_inference_model
 from seg.errors import CheckpointError, ConfigError, DatasetError
 from seg.models.bisenetv2 import BiSeNetV2

@@ -22,7 +22,7 @@ import torch
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 
-from seg.engine.checkpoint import load_checkpoint
+from seg.checkpoint import load_checkpoint
 from seg.errors import CheckpointError, ConfigError
 from seg.models.bisenetv2 import BiSeNetV2
 from seg.models.convert import convert_state_dict, map_key, module_table

@@ -21,9 +21,9 @@ import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig, OmegaConf
 
-from seg.engine import checkpoint as checkpoint_module
+from seg import checkpoint as checkpoint_module
+from seg.checkpoint import load_checkpoint, save_checkpoint
 from seg.engine.build import build_datasets, build_parts, parse_settings
-from seg.engine.checkpoint import load_checkpoint, save_checkpoint
 from seg.engine.state import TrainState, checkpoint_payload
 from seg.engine.train_run import run
 from seg.errors import CheckpointError, ConfigError, DatasetError

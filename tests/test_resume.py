@@ -15,9 +15,9 @@ import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
+from seg.checkpoint import CHECKPOINT_KEYS, load_checkpoint, save_checkpoint
 from seg.data.loader import build_train_loader
 from seg.engine.build import build_datasets
-from seg.engine.checkpoint import CHECKPOINT_KEYS, load_checkpoint, save_checkpoint
 from seg.engine.state import (
     RESULT_NEUTRAL_KEYS,
     config_differences,

@@ -25,8 +25,8 @@ from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig, OmegaConf
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from seg.checkpoint import CHECKPOINT_KEYS, load_checkpoint
 from seg.engine.build import build_datasets, build_parts, parse_settings
-from seg.engine.checkpoint import CHECKPOINT_KEYS, load_checkpoint
 from seg.engine.load import load_inference_model
 from seg.engine.logging import run_logging
 from seg.engine.loop import NonFiniteLossError

@@ -316,7 +316,7 @@ def test_per_rank_batch() -> None:
 def test_auto_resume_picks_newest_last_pt(tmp_path: Path) -> None:
     """Among runs with this config, the newest (issue 16: runs with another config are
     never taken; tests/test_resume.py checks that)."""
-    from seg.engine.checkpoint import save_checkpoint
+    from seg.checkpoint import save_checkpoint
 
     config = {"seed": 0, "trainer": {"max_iters": 10}}
     outputs = tmp_path / "outputs" / "exp"

@@ -266,8 +266,8 @@ def test_ema_is_checkpointed_and_restored_exactly() -> None:
 def test_evaluation_scores_the_ema_and_inference_loads_it(tmp_path: Path) -> None:
     """The loop's evaluation gets ``parts.eval_model`` (the EMA when on), and a checkpoint
     with ``"ema"`` gives eval/predict/export its averaged weights (``ema=False``: raw)."""
+    from seg.checkpoint import save_checkpoint
     from seg.engine.build import TrainParts
-    from seg.engine.checkpoint import save_checkpoint
     from seg.engine.load import load_inference_model
     from seg.models.bisenetv2 import BiSeNetV2
 
@@ -314,8 +314,8 @@ def _save_parts(tmp_path: Path, keep: int) -> tuple[SimpleNamespace, TrainState,
 def test_snapshots_keep_the_last_n_and_never_delete_before_the_new_one_is_written(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    from seg.checkpoint import load_checkpoint
     from seg.engine import loop
-    from seg.engine.checkpoint import load_checkpoint
 
     parts, state, stats = _save_parts(tmp_path, keep=2)
     folder = tmp_path / "checkpoints"
@@ -521,6 +521,10 @@ def _ddp_accumulation_worker(rank: int, port: int, out: str) -> None:
         for batch in _batches(2, 4):
             step(_halves({k: v[2 * rank : 2 * rank + 2] for k, v in batch.items()}))
         torch.save({"state": net.state_dict(), "calls": calls[0]}, Path(out) / f"rank{rank}.pt")
+        # Both ranks done before either tears down: a rank that destroys its gloo group while
+        # the other still talks to it can abort the other ("terminate called without an
+        # active exception", seen once under load).
+        torch.distributed.barrier()
     finally:
         torch.distributed.destroy_process_group()
 

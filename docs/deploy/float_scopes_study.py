@@ -23,16 +23,16 @@ import torch
 from torch import nn
 
 from seg.bench.timing import time_side_by_side
+from seg.checkpoint import load_checkpoint
 from seg.data.build import build_dataset
 from seg.data.loader import build_eval_loader
-from seg.deploy.onnx_model import OnnxModel
 from seg.deploy.quantize import calibration_from_checkpoint, quantize_int8
-from seg.engine.checkpoint import load_checkpoint
 from seg.engine.eval_run import AgreementCounter
 from seg.engine.evaluator import Evaluator
 from seg.engine.load import load_inference_model
 from seg.fileio import write_text_atomic
 from seg.models.bisenetv2 import BiSeNetV2
+from seg.models.onnx_model import OnnxModel
 from seg.tables import markdown_table
 
 

@@ -26,8 +26,11 @@ from pathlib import Path
 import torch
 
 from seg.bench.timing import BenchOptions, Section, Timing, time_side_by_side
-from seg.export import DeployDependencyError, export_onnx, require_deploy
+from seg.deploy.quantize import CalibrationSet, quantize_int8
+from seg.export import export_onnx
+from seg.extras import DeployDependencyError, require_deploy
 from seg.models.bisenetv2 import BiSeNetV2
+from seg.models.onnx_model import OnnxModel
 from seg.tables import markdown_table
 
 NUM_CLASSES = 19
@@ -54,8 +57,6 @@ def synthetic_metadata(num_classes: int) -> dict[str, str]:
 
 def build_models(folder: Path) -> tuple[torch.nn.Module, Path, Path, dict[str, float]]:
     """The PyTorch model, its fp32 and int8 ONNX files in ``folder``, and the build seconds."""
-    from seg.deploy.quantize import CalibrationSet, quantize_int8
-
     torch.manual_seed(0)
     model = BiSeNetV2(NUM_CLASSES, aux_heads=False).eval()
     fp32, int8 = folder / "fp32.onnx", folder / "int8.onnx"
@@ -86,8 +87,6 @@ def run(options: BenchOptions) -> Section:
         require_deploy()
     except DeployDependencyError as error:
         return Section(title=TITLE, markdown="Not run.", skipped=[str(error)])
-    from seg.deploy.onnx_model import OnnxModel
-
     skipped: list[str] = []
     if torch.device(options.device).type != "cpu":
         skipped.append(f"device {options.device}: this section runs on the CPU only")

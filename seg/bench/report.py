@@ -1,4 +1,4 @@
-"""Benchmark orchestration: run sections, describe the machine, write results.json/.md.
+"""Benchmark orchestration: run sections, write results.json/.md with the machine's facts.
 
 ``tools/benchmark.py`` (config ``configs/benchmark.yaml``) calls :func:`benchmark`, which
 checks the settings and calls ``run_benchmark``; :func:`main` does the same in-process.
@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-import os
-import platform
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -21,8 +19,10 @@ import torch
 from seg import dist
 from seg.bench import deploy, loader, loss, model, profile, train_step
 from seg.bench.timing import BenchOptions, Section
+from seg.cli import run_in_process
 from seg.errors import ConfigError
 from seg.fileio import write_text_atomic
+from seg.machine import describe_machine
 
 #: The sections, in the order they run: name -> its ``run(options) -> Section``.
 SECTIONS: dict[str, Callable[[BenchOptions], Section]] = {
@@ -50,35 +50,6 @@ def parse_sections(text: str | Sequence[str] | None) -> list[str]:
             f"unknown benchmark section(s) {unknown or text!r}; choose from {', '.join(SECTIONS)}"
         )
     return names
-
-
-def cpu_model() -> str:
-    """The CPU model name from /proc/cpuinfo (falls back to ``platform.processor()``)."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
-def describe_machine(device: str) -> dict[str, Any]:
-    """The facts needed to compare figures between machines."""
-    info: dict[str, Any] = {
-        "date": dt.datetime.now().astimezone().isoformat(timespec="seconds"),
-        "cpu": cpu_model(),
-        "cpu_cores": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "device": device,
-        "cuda_device": None,
-    }
-    if torch.cuda.is_available():
-        info["cuda_device"] = torch.cuda.get_device_name(torch.device(device).index or 0)
-        info["cuda"] = torch.version.cuda
-    return info
 
 
 def run_sections(names: Sequence[str], options: BenchOptions) -> list[Section]:
@@ -164,6 +135,4 @@ def benchmark(cfg: Any) -> int:
 
 def main(argv: Sequence[str]) -> int:
     """``tools/benchmark.py ARGS`` in this process; returns its exit status."""
-    from seg.cli import run_in_process
-
     return run_in_process("benchmark", argv, benchmark)

@@ -24,9 +24,9 @@ from omegaconf import OmegaConf
 
 from seg import dist
 from seg.bootstrap import miou_from_confusion, per_image_confusion
+from seg.checkpoint import load_checkpoint
 from seg.compare.runs import build_run_dataset
 from seg.data.loader import build_eval_loader
-from seg.engine.checkpoint import load_checkpoint
 from seg.engine.evaluator import Evaluator
 from seg.engine.load import load_inference_model
 from seg.errors import SegError

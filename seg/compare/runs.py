@@ -24,10 +24,12 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
-from seg.engine.checkpoint import load_checkpoint
+from seg.checkpoint import load_checkpoint
+from seg.data.check import check_split
 from seg.engine.logging import MIOU_TAG
 from seg.engine.state import RESULT_NEUTRAL_KEYS, config_differences, describe_differences
 from seg.errors import ConfigError, SegError
+from seg.instantiate import build_from_checkpoint
 
 #: What the report reads from each run's last.pt.
 RUN_KEYS = ("config", "iteration", "metrics")
@@ -248,8 +250,6 @@ def class_pixel_counts(config: Mapping[str, Any]) -> list[int]:
     The dataset node comes from a checkpoint: only seg's own classes are built from it
     (``seg.instantiate.check_targets``), it reads without a cache and generates nothing.
     """
-    from seg.data.check import check_split
-
     dataset = build_run_dataset(
         config["dataset"]["train"], "training dataset of the runs", transform=None, strict=False
     )
@@ -265,8 +265,6 @@ def build_run_dataset(node: Mapping[str, Any], what: str, **options: Any) -> Any
     cache (it may exist only where the run trained) and no generation. ``options``: more
     keyword arguments for the dataset (e.g. ``transform=None``).
     """
-    from seg.instantiate import build_from_checkpoint
-
     dataset_cfg = OmegaConf.create(dict(node))
     off = {k: v for k, v in (("cache", None), ("generate", False)) if k in dataset_cfg}
     return build_from_checkpoint(dataset_cfg, what, **off, **options)

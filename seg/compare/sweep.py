@@ -28,11 +28,13 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import torch
 from omegaconf import DictConfig
 
-from seg.cli import CONFIG_DIR
+from seg.cli import CONFIG_DIR, in_multirun, run_in_process
 from seg.compare.report import write_report
 from seg.errors import ConfigError, SegError
+from seg.machine import describe_machine
 from seg.values import int_setting
 
 TRAIN_SCRIPT = CONFIG_DIR.parent / "tools" / "train.py"
@@ -142,10 +144,6 @@ def _choices() -> tuple[list[str], list[str], str, Path | None]:
 
 def this_machine() -> str:
     """CPU / GPU, torch version and date of this machine, for the report."""
-    import torch
-
-    from seg.bench.report import describe_machine
-
     info = describe_machine("cuda" if torch.cuda.is_available() else "cpu")
     return (
         f"{info['cuda_device'] or info['cpu']} ({info['cpu_cores']} CPU cores), "
@@ -155,8 +153,6 @@ def this_machine() -> str:
 
 def compare(cfg: DictConfig) -> int:
     """``tools/compare.py``'s work (configs/compare.yaml)."""
-    from seg.cli import in_multirun
-
     if in_multirun():
         raise ConfigError("tools/compare.py runs its own sweep: drop -m/--multirun")
     task, hydra_overrides, launcher, out_dir = _choices()
@@ -213,6 +209,4 @@ def compare(cfg: DictConfig) -> int:
 
 def main(argv: Sequence[str]) -> int:
     """``tools/compare.py ARGS`` in this process (the report step: ``sweep_dir=PATH``)."""
-    from seg.cli import run_in_process
-
     return run_in_process("compare", argv, compare)

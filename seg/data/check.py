@@ -27,6 +27,7 @@ from tqdm import tqdm
 
 from seg.tables import markdown_table
 from seg.data.folder import PairedDataset
+from seg.cli import run_in_process
 from seg.data.build import build_dataset
 from seg.errors import ConfigError, DatasetError, SegError, first_line
 
@@ -205,6 +206,4 @@ def check(cfg: DictConfig) -> int:
 
 def main(argv: Sequence[str]) -> int:
     """``tools/check_dataset.py dataset=NAME [dataset.root=...]`` in this process."""
-    from seg.cli import run_in_process
-
     return run_in_process("check_dataset", argv, check)

@@ -43,13 +43,13 @@ from typing import Any
 import numpy as np
 import torch
 
+from seg.checkpoint import load_checkpoint
 from seg.data.batch import normalize_images
 from seg.data.build import build_dataset
-from seg.deploy.onnx_model import INPUT_NAME, DeployMetadata, parse_metadata
-from seg.engine.checkpoint import load_checkpoint
 from seg.errors import CheckpointError, ConfigError, DatasetError, first_line
-from seg.export import require_deploy
+from seg.extras import require_deploy
 from seg.fileio import write_bytes_atomic
+from seg.models.onnx_model import INPUT_NAME, DeployMetadata, parse_metadata
 
 #: Module scopes of BiSeNetV2 kept in float by default (see docs/deploy.md for why).
 DEFAULT_FLOAT_SCOPES: tuple[str, ...] = ("head.classifier",)

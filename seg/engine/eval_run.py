@@ -47,17 +47,18 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 
 from seg import dist
+from seg.checkpoint import load_checkpoint
 from seg.cli import CONFIG_DIR, run_in_process
 from seg.data.batch import batch_to_device
 from seg.data.loader import build_eval_loader
-from seg.engine.checkpoint import load_checkpoint
 from seg.engine.evaluator import Evaluator
-from seg.engine.load import InferenceModel, check_stored_config, is_onnx, load_inference_model
+from seg.engine.load import check_stored_config, is_onnx, load_inference_model
 from seg.engine.state import flatten
 from seg.errors import CheckpointError, ConfigError
 from seg.fileio import write_png, write_text_atomic
 from seg.instantiate import build_from_checkpoint
 from seg.metrics import format_metrics_table
+from seg.models.inference_model import InferenceModel
 from seg.visualize import overlay
 
 __all__ = ["CONFIG_DIR", "build_eval_config", "evaluate", "main", "run_eval"]

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -25,36 +24,17 @@ import torch
 from torch import nn
 
 from seg import dist
-from seg.engine.checkpoint import load_checkpoint
+from seg.checkpoint import load_checkpoint
 from seg.errors import CheckpointError
 from seg.instantiate import build_from_checkpoint, check_targets
+from seg.models.inference_model import InferenceModel
+from seg.models.onnx_model import load_onnx_inference_model
 from seg.models.weights import WEIGHT_FILE_ARGUMENTS, load_into
 from seg.values import int_setting
 from seg.visualize import generated_palette, palette_array
 
 #: Keys that make ``hydra.utils.instantiate`` build something else than ``_target_(**node)``.
 HYDRA_DIRECTIVES = ("_partial_", "_args_", "_recursive_", "_convert_")
-
-
-@dataclass
-class InferenceModel:
-    """A checkpoint's model in eval mode (no auxiliary heads) and what is needed to use it.
-
-    ``model`` maps normalised float N x 3 x H x W images to logits N x C x H x W.
-    ``mean``/``std`` are the RGB normalisation on the 0-1 scale, ``palette`` has one RGB
-    triple per train id, all read from the checkpoint's ``config["dataset"]``.
-    """
-
-    model: nn.Module
-    num_classes: int
-    mean: list[float]
-    std: list[float]
-    class_names: list[str]
-    palette: list[list[int]]
-    config: dict[str, Any]
-    device: torch.device
-    path: Path
-    weights: str = "model"  # "ema": the checkpoint's moving average of the weights
 
 
 def dataset_info(config: Mapping[str, Any], path: Path) -> dict[str, Any]:
@@ -233,7 +213,7 @@ def load_inference_model(
     """Load ``path`` and return its model in eval mode on ``device``, aux heads dropped.
 
     An ``.onnx`` file written by ``tools/export.py`` (fp32 or int8) loads as an
-    :class:`seg.deploy.onnx_model.OnnxModel` run by onnxruntime on the CPU (``device`` is
+    :class:`seg.models.onnx_model.OnnxModel` run by onnxruntime on the CPU (``device`` is
     then ignored), its dataset facts read from the file's metadata.
 
     Args:
@@ -247,8 +227,6 @@ def load_inference_model(
     """
     path = Path(path)
     if is_onnx(path):
-        from seg.deploy.onnx_model import load_onnx_inference_model  # the deploy extra
-
         return load_onnx_inference_model(path, threads=onnx_threads)
     device = dist.resolve_device(device) if isinstance(device, str) else device
     if checkpoint is None:

@@ -23,13 +23,13 @@ import torch
 import torch.distributed
 
 from seg import dist
+from seg.checkpoint import save_checkpoint
 from seg.engine.build import TrainParts
-from seg.engine.checkpoint import save_checkpoint
 from seg.engine.logging import RunLog
-from seg.engine.signals import StopSignals
 from seg.engine.state import TrainState, checkpoint_payload, plain, restore_rng_state
 from seg.engine.step import RunningStats
 from seg.errors import CheckpointError, SegError, log_to_files
+from seg.signals import StopSignals
 
 logger = logging.getLogger("seg.train")
 

@@ -4,7 +4,7 @@ A checkpoint (contract in docs/architecture.md) is the states of the model, opti
 LR schedule, GradScaler and loss (GHM-C's moving bin counts; empty for the other losses),
 the EMA of the weights when ``trainer.ema`` is on (``"ema"``), the :class:`TrainState`
 (iteration, metrics, best mIoU, skip counts), the global RNG states and the resolved config. Only tensors and plain containers
-go in, so that ``torch.load(weights_only=True)`` reads it back (``seg.engine.checkpoint``).
+go in, so that ``torch.load(weights_only=True)`` reads it back (``seg.checkpoint``).
 
 Resuming (``resume=...``, :func:`resolve_resume`):
 
@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from seg.engine.checkpoint import load_checkpoint
+from seg.checkpoint import load_checkpoint
 from seg.engine.step import TrainStep
 from seg.errors import CheckpointError, ConfigError, first_line
 
@@ -48,7 +48,7 @@ class TrainState:
         nonfinite_steps, nonfinite_streak: skipped steps in total and the current run of
             consecutive ones, as of the last checkpoint (the loop keeps the live counts).
         stopped_by: the name of the signal that stopped the run (``"SIGINT"``,
-            ``"SIGTERM"``, ``"SIGUSR1"``, ``"SIGUSR2"``; ``seg.engine.signals``), or None.
+            ``"SIGTERM"``, ``"SIGUSR1"``, ``"SIGUSR2"``; ``seg.signals``), or None.
     """
 
     iteration: int = 0

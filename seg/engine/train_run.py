@@ -30,9 +30,9 @@ import torch.distributed
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from seg import dist
+from seg import dist, signals
+from seg.checkpoint import CHECKPOINT_KEYS, load_checkpoint
 from seg.cli import in_multirun
-from seg.engine import signals
 from seg.engine.build import (
     TrainParts,
     build_datasets,
@@ -40,7 +40,6 @@ from seg.engine.build import (
     from_scratch_note,
     parse_settings,
 )
-from seg.engine.checkpoint import CHECKPOINT_KEYS, load_checkpoint
 from seg.engine.logging import RunLog, run_logging
 from seg.engine.loop import fit
 from seg.engine.state import (
@@ -64,7 +63,7 @@ class TrainResult:
     iteration: int
     metrics: dict[str, Any] = field(default_factory=dict)
     best_miou: float = -math.inf
-    stopped_by: str | None = None  # the stopping signal's name (seg.engine.signals)
+    stopped_by: str | None = None  # the stopping signal's name (seg.signals)
 
 
 def run(cfg: DictConfig, run_dir: Path | None = None) -> TrainResult:
@@ -160,7 +159,7 @@ def _run(cfg: DictConfig, run_dir: Path | None) -> TrainResult:
 def run_tool(cfg: DictConfig) -> int:
     """``tools/train.py``: train, then exit 0, or 128 + N when signal N stopped the run
     (``last.pt`` saved; a requeue signal is first handed over to submitit, which requeues
-    the job: ``seg.engine.signals``)."""
+    the job: ``seg.signals``)."""
     result = run(cfg)
     signals.hand_over(result.stopped_by)
     return signals.exit_status(result.stopped_by)

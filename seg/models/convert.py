@@ -33,7 +33,7 @@ from typing import Any
 import torch
 
 from seg.errors import CheckpointError
-from seg.models.weights import strip_wrapper_prefixes
+from seg.models.state_keys import guess_format, strip_wrapper_prefixes
 
 SOURCE_FORMATS = ("coincheung", "mmseg")
 #: Detail-branch stages: (our name, number of ConvBNReLU layers).
@@ -176,18 +176,6 @@ def map_key(key: str, table: Mapping[str, str]) -> str | None:
         module = ".".join(parts[:end])
         if module in table:
             return ".".join([table[module], *parts[end:]])
-    return None
-
-
-def guess_format(state: Mapping[str, Any]) -> str | None:
-    """``"coincheung"``, ``"mmseg"`` or ``"seg"`` from the key names; None if unknown."""
-    keys = list(strip_wrapper_prefixes(state))
-    if any(key.startswith(("backbone.bga.", "backbone.semantic.", "decode_head.")) for key in keys):
-        return "mmseg"
-    if any(key.startswith(("segment.S1S2.", "detail.S1.", "bga.left1.")) for key in keys):
-        return "coincheung"
-    if any(key.startswith(("semantic.stem.", "detail.s1.", "bga.detail_keep.")) for key in keys):
-        return "seg"
     return None
 
 

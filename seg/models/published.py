@@ -32,7 +32,7 @@ from hydra.errors import HydraException
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from seg.engine.checkpoint import save_checkpoint
+from seg.checkpoint import save_checkpoint
 from seg.errors import CheckpointError, ConfigError
 from seg.models.bisenetv2 import BiSeNetV2
 from seg.models.convert import Conversion, convert_state_dict

@@ -23,13 +23,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from seg.engine.checkpoint import load_checkpoint
+from seg.checkpoint import load_checkpoint
 from seg.errors import CheckpointError, first_line
+from seg.models.state_keys import guess_format, strip_wrapper_prefixes
 
 logger = logging.getLogger(__name__)
 
-#: Key prefixes added by wrappers: DistributedDataParallel and torch.compile.
-WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 #: State-dict prefix of the auxiliary heads (training only; absent from deployment models).
 AUX_HEADS_PREFIX = "aux_heads."
 #: Model arguments that name weight files read while the model is built. Loaders that take
@@ -39,15 +38,6 @@ WEIGHT_FILE_ARGUMENTS = ("weights", "backbone_weights")
 SHOWN_KEYS = 3
 #: A pickle of protocol 2, which is how the pre-zip ``torch.save`` format starts.
 LEGACY_TORCH_HEAD = b"\x80\x02"
-
-
-def strip_wrapper_prefixes(state: Mapping[str, Any]) -> dict[str, Any]:
-    """Drop a wrapper prefix (``module.``, ``_orig_mod.``) that every key carries."""
-    cleaned = dict(state)
-    for prefix in WRAPPER_PREFIXES:
-        if cleaned and all(key.startswith(prefix) for key in cleaned):
-            cleaned = {key[len(prefix) :]: value for key, value in cleaned.items()}
-    return cleaned
 
 
 def _shown(keys: Sequence[str]) -> str:
@@ -188,7 +178,7 @@ def _load_legacy(path: Path) -> Any:
 def read_weights_file(path: str | Path) -> dict[str, Any]:
     """The dict stored in a ``torch.save`` file, read without running code.
 
-    Zip files (PyTorch >= 1.6) go through :func:`seg.engine.checkpoint.load_checkpoint`;
+    Zip files (PyTorch >= 1.6) go through :func:`seg.checkpoint.load_checkpoint`;
     files in the older format (many published checkpoints) are read with the same
     weights-only unpickler.
 
@@ -306,8 +296,6 @@ def load_weights(
     try:
         return load_into(target, state, path, strict=strict)
     except CheckpointError as error:
-        from seg.models.convert import guess_format  # local: convert imports this module
-
         source_format = guess_format(state)
         if source_format in ("coincheung", "mmseg"):
             raise CheckpointError(

@@ -12,7 +12,6 @@ on one machine may call it at once: one generates, the others wait and reuse the
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import shutil

@@ -28,9 +28,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from seg.engine.load import InferenceModel
 from seg.errors import CheckpointError, ConfigError, first_line
-from seg.export import require_deploy
+from seg.extras import require_deploy
+from seg.models.inference_model import InferenceModel
 
 INPUT_NAME = "images"
 OUTPUT_NAME = "logits"
