@@ -1,7 +1,8 @@
 """SynthCity: procedurally drawn street scenes in the exact Cityscapes layout and label ids.
 
 - ``params``: :class:`SynthCityParams`, the size, counts, seed and difficulty knobs;
-- ``painter``: :func:`render_scene`, one scene's image and label ids;
+- ``painter``: :func:`render_scene`, one scene's image and label ids, drawn with
+  ``canvas`` (camera, colours, primitives), ``street``, ``objects`` and ``finish``;
 - ``generator``: :func:`generate_synthcity` / :func:`ensure_synthcity`, the dataset on disk;
 - ``dataset``: :class:`SynthCityDataset`, the training/evaluation dataset (configs name it
   ``seg.data.synthcity.SynthCityDataset``, as checkpoints' stored configs do).
