@@ -20,7 +20,7 @@ help:
 	@echo "make demo     set up .venv, make SynthCity, train briefly, evaluate, show where results are"
 	@echo "make test     set up .venv, run the test suite"
 	@echo "make data     make the SynthCity dataset under data/synthcity (if missing)"
-	@echo "make lint     ruff check + ruff format --check"
+	@echo "make lint     ruff check + ruff format --check + lint-imports (the floors)"
 
 $(STAMP):
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -56,6 +56,7 @@ test: install
 lint: install
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/lint-imports --no-cache
 
 format: install
 	$(VENV)/bin/ruff format .
