@@ -8,7 +8,8 @@ PY := $(VENV)/bin/python
 PYPROJECT_HASH := $(shell $(PYTHON) -c "import hashlib;print(hashlib.sha256(open('pyproject.toml','rb').read()).hexdigest()[:12])")
 STAMP := $(VENV)/.seg-installed-$(PYPROJECT_HASH)
 
-# Demo budget: a short SynthCity run that finishes in a few minutes on a laptop CPU.
+# Demo budget: a short SynthCity run; 300 iterations train in about 3 minutes on 2 CPU cores
+# (docs/benchmarks.md: the trainer's loader and thread defaults are the measured optimum there).
 DEMO_EXPERIMENT ?= synthcity_ohem
 DEMO_ITERS ?= 300
 DEMO_ARGS ?=

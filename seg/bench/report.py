@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from seg import dist
-from seg.bench import deploy, loader, loss, model, profile, train_step
+from seg.bench import cpu_training, deploy, loader, loss, model, profile, train_step
 from seg.bench.timing import BenchOptions, Section
 from seg.cli import run_in_process
 from seg.errors import ConfigError
@@ -32,8 +32,10 @@ SECTIONS: dict[str, Callable[[BenchOptions], Section]] = {
     "train_step": train_step.run,
     "deploy": deploy.run,
     "profile": profile.run,
+    "cpu_training": cpu_training.run,
 }
-#: What ``sections: null`` runs: all but the opt-in profile (it explains, it does not time).
+#: What ``sections: null`` runs: all but the opt-in profile (it explains, it does not time)
+#: and cpu_training (minutes of training on the CPU: the demo's settings, docs/benchmarks.md).
 DEFAULT_SECTIONS = ("model", "loss", "loader", "train_step", "deploy")
 
 
