@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 
 from seg.bench.timing import BenchOptions
-from seg.bench.train_step import make_batch, run
+from seg.bench.train_step import make_batch, parse_groups, parse_sizes, run
+from seg.errors import ConfigError
 
 
 def test_bench_batch_is_loader_like() -> None:
@@ -43,3 +44,38 @@ def test_train_step_section_quick_cuda() -> None:
     assert by_name["plain eager fp32 NCHW"]["precision"] == "fp32"
     assert by_name["tuned, matmul head upsampling"]["precision"] == "fp16"
     assert all(extra["peak_memory_mib"] > 0 for extra in by_name.values())
+
+
+def test_sizes_and_groups_are_checked() -> None:
+    assert parse_sizes(None) is None
+    assert parse_sizes([[16, 352, 480], [8, 1024, 1024]]) == ((16, 352, 480), (8, 1024, 1024))
+    assert parse_groups(None) == ("loss", "tuning", "cpu_layout")
+    with pytest.raises(ConfigError, match=r"\[batch, height, width\].*\[16, 352\]"):
+        parse_sizes([[16, 352]])
+    with pytest.raises(ConfigError, match="positive"):
+        parse_sizes([[0, 352, 480]])
+    with pytest.raises(ConfigError, match=r"'upsample'.*head_upsample"):
+        parse_groups(["upsample"])
+
+
+def test_chosen_groups_at_chosen_sizes() -> None:
+    """Only the asked-for comparison, once per size, each row naming its batch and crop."""
+    options = BenchOptions(
+        device="cpu",
+        repeats=1,
+        warmup=0,
+        quick=True,
+        train_step_sizes=((2, 32, 64), (3, 64, 32)),
+        train_step_groups=("head_upsample",),
+    )
+    section = run(options)
+    shapes = [
+        (r["extra"]["batch"], r["extra"]["height"], r["extra"]["width"]) for r in section.records
+    ]
+    assert shapes == [(2, 32, 64), (2, 32, 64), (3, 64, 32), (3, 64, 32)]
+    assert [r["name"] for r in section.records] == [
+        "tuned, interpolate head upsampling",
+        "tuned, matmul head upsampling",
+    ] * 2
+    assert "2 x 32x64" in section.markdown and "3 x 64x32" in section.markdown
+    assert "batch 2 at 32x64, batch 3 at 64x32" in section.title

@@ -122,11 +122,15 @@ def benchmark(cfg: Any) -> int:
         raise ConfigError(
             f"repeats must be >= 1 and warmup >= 0, got repeats={cfg.repeats}, warmup={cfg.warmup}"
         )
+    step_cfg = cfg.get("train_step") or {}
+    sizes, groups = step_cfg.get("sizes"), step_cfg.get("groups")
     options = BenchOptions(
         device=str(cfg.device),
         repeats=int(cfg.repeats),
         warmup=int(cfg.warmup),
         quick=bool(cfg.quick),
+        train_step_sizes=train_step.parse_sizes(sizes),
+        train_step_groups=None if groups is None else train_step.parse_groups(groups),
     )
     out = Path(str(cfg.out)) if cfg.get("out") else None
     markdown, out_dir = run_benchmark(parse_sections(cfg.get("sections")), options, out)

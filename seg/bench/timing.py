@@ -100,6 +100,10 @@ class BenchOptions:
     repeats: int = 10
     warmup: int = 3
     quick: bool = False  # smaller sizes and fewer repeats, for smoke tests
+    # The train_step section's batch sizes and crops ((batch, height, width) each; None: the
+    # device's default) and which of its comparisons to run (None: all that apply).
+    train_step_sizes: tuple[tuple[int, int, int], ...] | None = None
+    train_step_groups: tuple[str, ...] | None = None
 
 
 @dataclass

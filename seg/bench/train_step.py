@@ -11,18 +11,21 @@ timed side by side (interleaved) in one run:
   upsampled by matrix products (``model.head_upsample=matmul``); on CUDA also the tuned
   step without cuDNN benchmark mode and (full runs only) the tuned step under
   ``torch.compile``;
-- ``cpu layout/precision`` (CPU full runs only): float32 NCHW vs float32 channels_last (the
-  trainer's CPU default) vs bf16 autocast, the figures behind ``trainer.channels_last: auto``
-  and ``trainer.amp=bf16`` on CPUs.
+- ``cpu_layout`` (CPU only): float32 NCHW vs float32 channels_last vs bf16 autocast, the
+  figures behind ``trainer.channels_last: auto`` and ``trainer.amp=bf16`` on CPUs;
+- ``head_upsample`` (only when asked for): the tuned step with the heads' logits upsampled
+  by ``F.interpolate`` vs by matrix products, nothing else changed.
 
-Sizes: CUDA batch 8 at 1024x1024 (as many pixels as the Cityscapes recipe's batch 16 at 512x1024); CPU batch 4 at 256x512; ``quick``
-batch 2 at 64x128. Peak memory is ``torch.cuda.max_memory_allocated`` over one step (CUDA
-only; CPU memory is not reported).
+Default sizes: CUDA batch 8 at 1024x1024 (as many pixels as the Cityscapes recipe's batch 16
+at 512x1024); CPU batch 4 at 256x512; ``quick`` batch 2 at 64x128. ``train_step.sizes``
+(configs/benchmark.yaml) times other batches and crops, e.g. CamVid's 16 x 352x480, and
+``train_step.groups`` picks the comparisons. Peak memory is
+``torch.cuda.max_memory_allocated`` over one step (CUDA only; CPU memory is not reported).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -35,6 +38,7 @@ from seg.engine.build import use_channels_last, use_cudnn_benchmark
 from seg.engine.optim import build_sgd
 from seg.engine.schedule import WarmupPolyLR
 from seg.engine.step import TrainStep
+from seg.errors import ConfigError
 from seg.losses import CrossEntropyLoss, MultiHeadLoss, OhemCELoss
 from seg.models.bisenetv2 import BiSeNetV2
 from seg.tables import markdown_table
@@ -179,6 +183,7 @@ def _compare(
         amp_name = steps[variant.name].amp.name
         rows.append(
             [
+                f"{size[0]} x {size[1]}x{size[2]}",
                 group,
                 variant.name,
                 amp_name,
@@ -208,24 +213,63 @@ def _compare(
     return rows, records
 
 
-def run(options: BenchOptions) -> Section:
-    """OHEM vs CE and plain vs tuned training steps, each pair timed interleaved."""
-    on_cuda = torch.device(options.device).type == "cuda"
-    size = QUICK_SIZE if options.quick else (CUDA_SIZE if on_cuda else CPU_SIZE)
-    repeats = min(options.repeats, 2) if options.quick else options.repeats
-    warmup = min(options.warmup, 1) if options.quick else options.warmup
-    torch.manual_seed(0)
-    state = BiSeNetV2(NUM_CLASSES).state_dict()
-    skipped: list[str] = []
-    rows, records = _compare(
-        "loss",
-        [Variant("ce x5", loss="ce"), Variant("ohem x5", loss="ohem")],
-        options,
-        size,
-        repeats,
-        warmup,
-        state,
-    )
+#: The comparisons of this section, in the order they run. ``head_upsample`` (the heads'
+#: bilinear upsampling by F.interpolate vs by matrix products, nothing else changed) is a
+#: subset of ``tuning`` for focused runs, so it runs only when asked for.
+GROUPS = ("loss", "tuning", "head_upsample", "cpu_layout")
+DEFAULT_GROUPS = ("loss", "tuning", "cpu_layout")
+
+
+def parse_groups(groups: Sequence[str] | None) -> tuple[str, ...]:
+    """The comparisons to run: ``None`` -> :data:`DEFAULT_GROUPS`; names checked."""
+    if groups is None:
+        return DEFAULT_GROUPS
+    names = tuple(str(g) for g in groups)
+    unknown = [g for g in names if g not in GROUPS]
+    if unknown or not names:
+        raise ConfigError(
+            f"unknown train_step group(s) {unknown or list(names)!r}; choose from {', '.join(GROUPS)}"
+        )
+    return names
+
+
+def parse_sizes(sizes: Sequence[Sequence[int]] | None) -> tuple[tuple[int, int, int], ...] | None:
+    """``[[16, 352, 480], ...]`` -> tuples of (batch, height, width), each value >= 1."""
+    if sizes is None:
+        return None
+    parsed = []
+    for size in sizes:
+        values = tuple(int(v) for v in size)
+        if len(values) != 3 or min(values) < 1:
+            raise ConfigError(
+                f"train_step.sizes entries must be [batch, height, width] of positive ints, "
+                f"got {list(size)!r}"
+            )
+        parsed.append(values)
+    if not parsed:
+        raise ConfigError("train_step.sizes is empty; give [[batch, height, width], ...] or null")
+    return tuple(parsed)  # type: ignore[return-value]
+
+
+def _variants(group: str, on_cuda: bool, quick: bool) -> tuple[list[Variant], list[str]]:
+    """The variants of one comparison on this device, and what it leaves out and why."""
+    if group == "loss":
+        return [Variant("ce x5", loss="ce"), Variant("ohem x5", loss="ohem")], []
+    if group == "head_upsample":
+        return [
+            Variant("tuned, interpolate head upsampling"),
+            Variant("tuned, matmul head upsampling", head_upsample="matmul"),
+        ], []
+    if group == "cpu_layout":
+        if on_cuda:
+            return [], ["cpu layout/precision: CPU only"]
+        # The CPU choices of the trainer (layout, float32 unless asked) against the alternatives.
+        return [
+            Variant("tuned fp32 NCHW", channels_last=False),
+            Variant("tuned fp32 channels_last", channels_last=True),
+            Variant("tuned bf16 autocast channels_last", amp="bf16", channels_last=True),
+        ], []
+    skipped = []
     tuning = [
         Variant("plain eager fp32 NCHW", tuned=False),
         Variant("tuned (trainer)"),
@@ -235,28 +279,45 @@ def run(options: BenchOptions) -> Section:
         tuning.append(Variant("tuned, cuDNN benchmark off", cudnn_benchmark=False))
     else:
         skipped.append("cuDNN benchmark variant: CUDA only")
-    if on_cuda and not options.quick:
+    if on_cuda and not quick:
         tuning.append(Variant("tuned + torch.compile", compile=True))
     else:
         skipped.append("torch.compile variant: CUDA full runs only (compilation takes minutes)")
-    more_rows, more_records = _compare("tuning", tuning, options, size, repeats, warmup, state)
-    rows += more_rows
-    records += more_records
-    if not on_cuda and not options.quick:
-        # The CPU choices of the trainer (NCHW, float32 unless asked) against the alternatives.
-        cpu_choices = [
-            Variant("tuned fp32 NCHW", channels_last=False),
-            Variant("tuned fp32 channels_last (CPU default)", channels_last=True),
-            Variant("tuned bf16 autocast channels_last", amp="bf16", channels_last=True),
-        ]
-        more_rows, more_records = _compare(
-            "cpu layout/precision", cpu_choices, options, size, repeats, warmup, state
-        )
-        rows += more_rows
-        records += more_records
+    return tuning, skipped
+
+
+def run(options: BenchOptions) -> Section:
+    """The chosen comparisons (default: OHEM vs CE, plain vs tuned, and on CPU the layouts)
+    at each size, every comparison timed interleaved."""
+    on_cuda = torch.device(options.device).type == "cuda"
+    default_size = QUICK_SIZE if options.quick else (CUDA_SIZE if on_cuda else CPU_SIZE)
+    sizes = parse_sizes(options.train_step_sizes) or (default_size,)
+    groups = parse_groups(options.train_step_groups)
+    if options.train_step_groups is None and options.quick:
+        groups = tuple(g for g in groups if g != "cpu_layout")  # smoke runs: the two main ones
+    repeats = min(options.repeats, 2) if options.quick else options.repeats
+    warmup = min(options.warmup, 1) if options.quick else options.warmup
+    torch.manual_seed(0)
+    state = BiSeNetV2(NUM_CLASSES).state_dict()
+    rows: list[list[Any]] = []
+    records: list[dict[str, Any]] = []
+    skipped: list[str] = []
+    for size in sizes:
+        for group in groups:
+            variants, left_out = _variants(group, on_cuda, options.quick)
+            skipped += [note for note in left_out if note not in skipped]
+            if not variants:
+                continue
+            label = "cpu layout/precision" if group == "cpu_layout" else group
+            more_rows, more_records = _compare(
+                label, variants, options, size, repeats, warmup, state
+            )
+            rows += more_rows
+            records += more_records
     if not on_cuda:
         skipped.append("peak memory: reported on CUDA only")
     header = [
+        "batch x crop",
         "comparison",
         "step",
         "precision",
@@ -265,8 +326,8 @@ def run(options: BenchOptions) -> Section:
         "x first",
         "peak MiB",
     ]
-    n, h, w = size
-    title = f"Training step: BiSeNetV2, five heads, batch {n} at {h}x{w} ({options.device})"
+    shown = ", ".join(f"batch {n} at {h}x{w}" for n, h, w in sizes)
+    title = f"Training step: BiSeNetV2, five heads, {shown} ({options.device})"
     return Section(
         title=title, markdown=markdown_table(header, rows), records=records, skipped=skipped
     )
