@@ -429,6 +429,17 @@ def test_a_bad_coco_annotation_is_one_line_and_nothing_is_left(tmp_path, annotat
     assert only_output(tmp_path) == ["coco"]
 
 
+def test_a_coco_file_without_images_or_not_coco_is_one_line(tmp_path):
+    path = make_coco(tmp_path / "coco")
+    path.write_text(json.dumps({"images": [], "annotations": [], "categories": []}))
+    with pytest.raises(DatasetError, match=r"no entries in 'images': .*instances\.json"):
+        convert_annotations(coco_settings(tmp_path / "coco", tmp_path / "out"))
+    path.write_text(json.dumps({"shapes": []}))
+    with pytest.raises(DatasetError, match=r"not a COCO file .*instances\.json"):
+        convert_annotations(coco_settings(tmp_path / "coco", tmp_path / "out"))
+    assert only_output(tmp_path) == ["coco"]
+
+
 def test_rle_string_reader_agrees_with_pycocotools():
     rng = np.random.default_rng(0)
     for _ in range(50):
@@ -451,6 +462,9 @@ def test_a_bad_setting_is_one_line(tmp_path, capsys):
     args = ["format=labelme", "input={train:a,extra:b}", f"out={tmp_path / 'b'}"]
     assert run_in_process("convert_annotations", args, convert) == 2
     assert "input has split 'extra'" in capsys.readouterr().err
+    args = ["format=labelme", "input=a", "images=b", f"out={tmp_path / 'b'}"]
+    assert run_in_process("convert_annotations", args, convert) == 2
+    assert "images= is not used by format=labelme" in capsys.readouterr().err
     assert not list(tmp_path.iterdir())
 
 

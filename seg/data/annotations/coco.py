@@ -241,6 +241,8 @@ def read_coco_file(path: Path, image_dir: Path | None, crowd: str) -> CocoFile:
         images[image_id].regions.append(
             Region(ann_id, names[category_id], entry["segmentation"], bool(crowd_flag))
         )
+    if not images:
+        raise DatasetError(f"no entries in 'images': {path}")
     return CocoFile(sorted(names.items()), list(images.values()))
 
 

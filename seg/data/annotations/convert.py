@@ -98,7 +98,7 @@ def _class_map(
     if settings.format == "coco":
         found = merge_categories([(s.input, c) for s, _, c in read if c is not None])
     else:
-        found = found_labels([item for _, items, _ in read for item in items])  # type: ignore[arg-type]
+        found = found_labels([item for _, items, _ in read for item in items])
     classes = resolve_classes(found, settings.classes, settings.unlabelled, settings.unknown_labels)
     classes.check((label, item.source) for _, items, _ in read for item in items for label in item.labels())
     return classes

@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 import math
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -182,6 +183,6 @@ def read_labelme_folder(folder: Path, skipped: Counter) -> list[LabelmeImage]:
     return [read_labelme_file(p, skipped) for p in files]
 
 
-def found_labels(items: list[LabelmeImage]) -> list[str]:
-    """The labels of all items, sorted (the default class order)."""
+def found_labels(items: Sequence[AnnotatedImage]) -> list[str]:
+    """The labels of all items, sorted (labelme's default class order)."""
     return sorted({label for item in items for label in item.labels()})

@@ -78,6 +78,10 @@ class ConversionSettings:
                 raise ConfigError("format=color needs color_to_trainid=[[R,G,B,train id],...]")
         elif rows is not None:
             raise ConfigError(f"color_to_trainid is for format=color, not format={fmt}")
+        if fmt == "labelme" and cfg.get("images") is not None:
+            raise ConfigError(
+                "images= is not used by format=labelme (each JSON's imagePath names its image)"
+            )
         crop = pair_setting(cfg.get("crop_size", [512, 512]), "crop_size")
         assert crop is not None
         return cls(
