@@ -58,7 +58,8 @@ def partial_path(path: str | os.PathLike[str], suffix: str = "") -> Path:
     return path.with_name(f".{path.name}.{tag}.partial{suffix}")
 
 
-def _process_alive(pid: int) -> bool:
+def process_alive(pid: int) -> bool:
+    """True while process ``pid`` runs on this machine (or cannot be told: another user's)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -77,7 +78,7 @@ def is_stale_partial(path: Path, now: float | None = None) -> bool:
     if match is None or not path.is_file():
         return False
     host = match.group("host")
-    if host in (None, _host()) and not _process_alive(int(match.group("pid"))):
+    if host in (None, _host()) and not process_alive(int(match.group("pid"))):
         return True
     try:
         age = (time.time() if now is None else now) - path.stat().st_mtime

@@ -20,6 +20,7 @@ TOOLS = [
     "benchmark",
     "check_dataset",
     "make_synthcity",
+    "convert_annotations",
 ]
 
 

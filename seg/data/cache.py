@@ -97,6 +97,11 @@ def _digest(dataset: CacheableDataset) -> str:
         "lut": np.asarray(dataset.lut, np.uint8).tobytes().hex(),
         "valid": np.asarray(dataset.valid, bool).tobytes().hex(),
     }
+    # A colour table (colour masks) changes what a label file means; plain id PNGs have
+    # none, so their folders keep the names they had before colour masks existed.
+    label_source = getattr(dataset, "label_source", "")
+    if label_source:
+        identity["labels"] = label_source
     return hashlib.sha256(json.dumps(identity).encode()).hexdigest()
 
 

@@ -5,8 +5,8 @@ lookup table; it reads, validates and maps one pair per item. ``FolderDataset`` 
 data) and ``CityscapesDataset`` only differ in how they find the pairs.
 
 Cheap checks (folders exist, every image has a label) run when a dataset is built;
-decoding problems (corrupt PNG, wrong size, 3-channel label, values outside the table)
-are found when an item is read and raised as ``DatasetError`` naming the file.
+decoding problems (corrupt PNG, wrong size, 3-channel label, values or colours outside
+the table) are found when an item is read and raised as ``DatasetError`` naming the file.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ import numpy as np
 from torch.utils.data import Dataset
 
 from seg.data.cache import open_cache
+from seg.data.colors import ColorTable, read_color_mask
 from seg.data.labels import IGNORE_INDEX, build_lookup_table, identity_lookup_table
 from seg.data.transforms import DatasetKey, apply_transform, to_sample, unpack_key
 from seg.errors import ConfigError, DatasetError
@@ -79,6 +80,10 @@ class PairedDataset(Dataset):
     validated now, and built or refreshed here when ``cache_build``.
     """
 
+    #: What, beside ``lut``/``valid``, turns a label file into train ids ("" for a plain
+    #: id PNG); part of the decoded cache's identity of a split.
+    label_source: str = ""
+
     def __init__(
         self,
         pairs: Sequence[tuple[Path, Path]],
@@ -106,13 +111,17 @@ class PairedDataset(Dataset):
         """Read pair ``index``: (RGB uint8 H x W x 3, raw label uint8 H x W), sizes checked."""
         image_path, label_path = self.pairs[index]
         image = read_image(image_path)
-        label = read_label(label_path)
+        label = self.read_label_file(label_path)
         if label.shape != image.shape[:2]:
             raise DatasetError(
                 f"label size {label.shape[1]}x{label.shape[0]} differs from image size "
                 f"{image.shape[1]}x{image.shape[0]} ({image_path.name}): {label_path}"
             )
         return image, label
+
+    def read_label_file(self, path: Path) -> np.ndarray:
+        """Decode one label file to uint8 H x W (the values ``lut`` maps)."""
+        return read_label(path)
 
     def load(self, index: int) -> tuple[np.ndarray, np.ndarray]:
         """Read pair ``index`` and map its label to train ids (values checked)."""
@@ -142,13 +151,19 @@ class FolderDataset(PairedDataset):
     """Custom data: ``image_dir/<stem>.<ext>`` paired with ``mask_dir/<stem><mask_suffix>.png``.
 
     Masks hold train ids ``0..C-1`` and 255 (ignore), or any ids when ``id_to_trainid``
-    maps them (ids absent from the map are rejected, map a void id to 255 explicitly).
+    maps them (ids absent from the map are rejected, map a void id to 255 explicitly), or
+    are RGB colour masks when ``color_to_trainid`` lists ``[R, G, B, train id]`` rows
+    (``seg.data.colors``; a colour absent from the table is a ``DatasetError`` naming the
+    file and the colours). Colour masks are mapped to train ids when read, so
+    ``load_raw`` already returns train ids and ``lut`` is the identity.
 
     Args:
         image_dir, mask_dir: folders (relative paths resolve against the working directory).
         class_names: one name per train id (defines ``num_classes``).
         palette: optional RGB per train id (used for visualisation only).
         id_to_trainid: optional ``{mask value: train id or 255}``.
+        color_to_trainid: optional ``[[R, G, B, train id or 255], ...]``: masks are RGB
+            colour masks (exclusive with ``id_to_trainid``).
         strict: raise on the first image without a mask (False: collect in ``problems``).
         cache, cache_build: decoded cache folder and whether to build it (``PairedDataset``).
     """
@@ -161,6 +176,7 @@ class FolderDataset(PairedDataset):
         transform=None,
         palette: Sequence[Sequence[int]] | None = None,
         id_to_trainid: Mapping[int, int] | None = None,
+        color_to_trainid: Sequence[Sequence[int]] | None = None,
         mask_suffix: str = "",
         image_suffixes: Sequence[str] = IMAGE_SUFFIXES,
         strict: bool = True,
@@ -179,6 +195,15 @@ class FolderDataset(PairedDataset):
                 f"palette must hold {self.num_classes} RGB triples (one per class), "
                 f"got {len(self.palette)} entries"
             )
+        if id_to_trainid is not None and color_to_trainid is not None:
+            raise ConfigError(
+                "id_to_trainid and color_to_trainid are exclusive (masks hold ids or colours): "
+                "set one of them to null"
+            )
+        self.color_table: ColorTable | None = None
+        if color_to_trainid is not None:
+            self.color_table = ColorTable(color_to_trainid, self.num_classes)
+            self.label_source = f"colors:{self.color_table.describe()}"
         if id_to_trainid is None:
             lut, valid = identity_lookup_table(self.num_classes)
         else:
@@ -211,3 +236,9 @@ class FolderDataset(PairedDataset):
         super().__init__(
             pairs, lut, valid, transform, problems=problems, cache=cache, cache_build=cache_build
         )
+
+    def read_label_file(self, path: Path) -> np.ndarray:
+        """An id mask as it is, or a colour mask mapped to train ids (``color_to_trainid``)."""
+        if self.color_table is None:
+            return read_label(path)
+        return self.color_table.to_train_ids(read_color_mask(path), path)
