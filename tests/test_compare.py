@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from seg.checkpoint import save_checkpoint
+from seg.compare.report import class_weight_lines
 from seg.compare.runs import RunResult, read_sweep
 from seg.compare.stats import rare_classes, summarize
 from seg.compare.sweep import launcher_overrides, main, plan_sweep, train_overrides
@@ -182,9 +183,14 @@ def test_a_weighted_cross_entropy_is_swept_and_read_beside_the_other_losses(
     )
     read = read_sweep(sweep)
     assert sorted(read.losses) == ["ce", "ce_weighted", "ohem"]
-    assert {r.loss: r.run_dir for r in read.results}["ce_weighted"] == str(
-        sweep / "ce_weighted-seed0"
-    )
+    runs = {r.loss: r for r in read.results}
+    assert runs["ce_weighted"].run_dir == str(sweep / "ce_weighted-seed0")
+    assert runs["ce_weighted"].class_weight == [0.7] and runs["ce_weighted"].class_weight_auto
+    assert runs["ce"].class_weight is None and not runs["ce"].class_weight_auto
+    # The report names the weights each loss trained with.
+    lines = class_weight_lines(read.results, ["a"])
+    assert lines[-1] == "- ce_weighted (auto, median frequency of the train split): a 0.7000"
+    assert len(lines) == 4  # a blank line, the heading, a blank line, ce_weighted alone
 
 
 # ------------------------------------------------------------------------------ end to end
