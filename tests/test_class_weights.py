@@ -142,9 +142,15 @@ def test_the_setting_is_checked_in_one_line_naming_the_key() -> None:
         with pytest.raises(ConfigError, match=message) as error:
             class_weight_setting(cfg)
         assert str(error.value).startswith("loss.class_weight")
-    # A loss that takes no class weights says so before any label is read.
+    # A loss that takes no class weights says so before any label is read, and so does a
+    # loss config whose heads do not pass the setting on.
     with pytest.raises(ConfigError, match="GhmcLoss takes no class weights"):
         class_weight_setting(compose_train("loss=ghm", "loss.class_weight=auto"))
+    cfg.loss.class_weight = "auto"
+    for head in cfg.loss.heads.values():
+        head.loss.class_weights = None
+    with pytest.raises(ConfigError, match="no head's loss takes it"):
+        class_weight_setting(cfg)
 
 
 def test_a_resolved_auto_run_equals_the_same_command_and_nothing_else() -> None:

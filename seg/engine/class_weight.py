@@ -46,7 +46,8 @@ def class_weight_setting(cfg: DictConfig) -> ClassWeight:
     """Check ``loss.class_weight`` (one ``ConfigError`` line naming the key) and return it.
 
     A set value is also tried on the loss: it is built once with weights of 1, so that a loss
-    that takes no class weights (GHM-C) stops the run before the train labels are read.
+    that takes no class weights (GHM-C), or a loss config whose heads do not pass the setting
+    on, stops the run before the train labels are read.
     """
     value = OmegaConf.select(cfg, KEY, default=None)
     if value is None:
@@ -69,8 +70,7 @@ def class_weight_setting(cfg: DictConfig) -> ClassWeight:
             f"{KEY} lists {len(values)} weights but dataset.num_classes is {num_classes} "
             f"(one weight per class): {values}"
         )
-    bad = [v for v in values if isinstance(v, bool) or not isinstance(v, int | float)]
-    bad += [v for v in values if v not in bad and not (math.isfinite(v) and v >= 0)]
+    bad = [v for v in values if not _is_weight(v)]
     if bad:
         raise ConfigError(f"{KEY} must hold finite numbers >= 0, got {bad[0]!r} in {values}")
     if not any(v > 0 for v in values):
@@ -79,11 +79,27 @@ def class_weight_setting(cfg: DictConfig) -> ClassWeight:
     return [float(v) for v in values]
 
 
+def _is_weight(value: Any) -> bool:
+    """A finite number >= 0 (not a bool)."""
+    number = isinstance(value, int | float) and not isinstance(value, bool)
+    return number and math.isfinite(value) and value >= 0
+
+
 def _try_on_loss(cfg: DictConfig, num_classes: int) -> None:
-    """Build the loss with weights of 1: a loss that refuses class weights says so now."""
+    """Build the loss with weights of 1: a loss that refuses class weights says so now, and
+    a loss config whose heads do not pass the setting on is an error (none) or a warning."""
     trial = copy.deepcopy(cfg)
     trial.loss.class_weight = [1.0] * num_classes
-    build(trial.loss, "loss")
+    loss = build(trial.loss, "loss")
+    heads = getattr(loss, "losses", {})
+    unweighted = [h for h, m in heads.items() if getattr(m, "class_weights", None) is None]
+    if heads and len(unweighted) == len(heads):
+        raise ConfigError(
+            f"{KEY} is set but no head's loss takes it: the loss config must pass it on as "
+            "class_weights: ${loss.class_weight} (see configs/loss/ce.yaml)"
+        )
+    if unweighted:
+        logger.warning("%s: heads %s take no class weights (their loss config)", KEY, unweighted)
 
 
 def stored_auto_weights(checkpoint: Mapping[str, Any] | None) -> list[float] | None:
