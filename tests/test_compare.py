@@ -16,7 +16,8 @@ from pathlib import Path
 import pytest
 
 from seg.checkpoint import save_checkpoint
-from seg.compare.runs import RunResult
+from seg.compare.report import class_weight_lines
+from seg.compare.runs import RunResult, read_sweep
 from seg.compare.stats import rare_classes, summarize
 from seg.compare.sweep import launcher_overrides, main, plan_sweep, train_overrides
 from seg.errors import ConfigError
@@ -87,17 +88,27 @@ def test_summary_statistics_and_rare_miou() -> None:
     assert ce.rare_miou_mean == pytest.approx(0.1)
 
 
-def fake_run(sweep: Path, loss: str, seed: int, iteration: int, max_iters: int = 30) -> Path:
-    """A job folder of a sweep whose last.pt says how far the run got."""
+def fake_run(
+    sweep: Path,
+    loss: str,
+    seed: int,
+    iteration: int,
+    max_iters: int = 30,
+    loss_config: dict | None = None,
+    extra: dict | None = None,
+) -> Path:
+    """A job folder of a sweep whose last.pt says how far the run got (``loss_config``: more
+    keys of its loss config; ``extra``: more top-level keys of its stored config)."""
     folder = sweep / f"{loss}-seed{seed}"
     (folder / ".hydra").mkdir(parents=True)
     config = {
         "experiment_name": "synthcity_ohem",
         "seed": seed,
-        "loss": {"name": loss},
+        "loss": {"name": loss, **(loss_config or {})},
         "trainer": {"max_iters": max_iters, "eval_interval": 10},
         "loader": {"batch_size": 2, "num_workers": 0},
         "dataset": {"name": "synthcity", "root": str(sweep / "data"), "class_names": ["a"]},
+        **(extra or {}),
     }
     metrics = {"val": {"mIoU": 0.5, "IoU": [0.5]}}
     save_checkpoint(
@@ -149,6 +160,37 @@ def test_a_missing_run_of_the_grid_is_refused(
     (folder := sweep / "focal-seed0" / ".hydra").mkdir(parents=True)  # a job that never saved
     (line,) = report_errors(sweep, capsys)
     assert f"{folder.parent} (no checkpoints/last.pt)" in line
+
+
+def test_a_weighted_cross_entropy_is_swept_and_read_beside_the_other_losses(
+    tmp_path: Path,
+) -> None:
+    """configs/loss/ce_weighted.yaml is a loss of the sweep, and its runs (a stored list of
+    class weights and the record that it came from auto) are one budget with the others."""
+    available = {p.stem for p in (REPO / "configs" / "loss").glob("*.yaml")}
+    losses = ["ohem", "ce", "ce_weighted", "focal"]
+    assert plan_sweep(losses, [0], available) == ["seed=0", "loss=ohem,ce,ce_weighted,focal"]
+    sweep = tmp_path / "sweep"
+    for loss in ("ohem", "ce"):
+        fake_run(sweep, loss, 0, iteration=30, loss_config={"class_weight": None})
+    fake_run(
+        sweep,
+        "ce_weighted",
+        0,
+        iteration=30,
+        loss_config={"class_weight": [0.7]},
+        extra={"resolved_from": {"loss": {"class_weight": "auto"}}},
+    )
+    read = read_sweep(sweep)
+    assert sorted(read.losses) == ["ce", "ce_weighted", "ohem"]
+    runs = {r.loss: r for r in read.results}
+    assert runs["ce_weighted"].run_dir == str(sweep / "ce_weighted-seed0")
+    assert runs["ce_weighted"].class_weight == [0.7] and runs["ce_weighted"].class_weight_auto
+    assert runs["ce"].class_weight is None and not runs["ce"].class_weight_auto
+    # The report names the weights each loss trained with.
+    lines = class_weight_lines(read.results, ["a"])
+    assert lines[-1] == "- ce_weighted (auto, median frequency of the train split): a 0.7000"
+    assert len(lines) == 4  # a blank line, the heading, a blank line, ce_weighted alone
 
 
 # ------------------------------------------------------------------------------ end to end

@@ -29,6 +29,7 @@ from seg.compare.runs import (
     recorded_sweep_command,
 )
 from seg.compare.stats import LossSummary, rare_classes, summarize
+from seg.data.class_weights import format_weights
 from seg.fileio import write_bytes_atomic, write_text_atomic
 from seg.tables import markdown_table
 
@@ -88,6 +89,20 @@ def bootstrap_caveat(result: BootstrapResult) -> str:
     )
 
 
+def class_weight_lines(results: Sequence[RunResult], class_names: Sequence[str]) -> list[str]:
+    """The class weights each loss trained with (``loss.class_weight``), when any did."""
+    lines, seen = [], set()
+    for r in results:
+        if r.class_weight is None or (r.loss, tuple(r.class_weight)) in seen:
+            continue
+        seen.add((r.loss, tuple(r.class_weight)))
+        source = "auto, median frequency of the train split" if r.class_weight_auto else "a list"
+        lines.append(f"- {r.loss} ({source}): {format_weights(class_names, r.class_weight)}")
+    if not lines:
+        return []
+    return ["", "Class weights the runs trained with (loss.class_weight):", "", *lines]
+
+
 def format_report(
     summaries: Sequence[LossSummary],
     results: Sequence[RunResult],
@@ -116,6 +131,7 @@ def format_report(
             ["loss", "mIoU mean +- std", "each run", "rare-class mIoU", "ms / iteration"], rows
         )
     )
+    lines += class_weight_lines(results, class_names)
     lines += ["", "## Differences (mean mIoU over seeds, A - B)", ""]
     lines += [f"- {v}" for v in difference_lines(bootstrap)]
     lines += ["", bootstrap_caveat(bootstrap), ""]

@@ -26,6 +26,7 @@ from omegaconf import OmegaConf
 
 from seg.checkpoint import load_checkpoint
 from seg.data.check import check_split
+from seg.engine.class_weight import stored_auto_weights
 from seg.engine.logging import MIOU_TAG
 from seg.engine.state import RESULT_NEUTRAL_KEYS, config_differences, describe_differences
 from seg.errors import ConfigError, SegError
@@ -53,6 +54,8 @@ class RunResult:
     class_iou: list[float]
     curve: list[tuple[int, float]]  # (iteration, val mIoU)
     seconds_per_iter: float
+    class_weight: list[float] | None = None  # the loss's class weights as the run trained
+    class_weight_auto: bool = False  # they were resolved from loss.class_weight=auto
 
 
 @dataclass
@@ -214,7 +217,15 @@ def read_run(run: _Run) -> RunResult:
         class_iou=[math.nan if v is None else float(v) for v in metrics["IoU"]],
         curve=scalars[MIOU_TAG],
         seconds_per_iter=seconds_per_iter,
+        class_weight=_class_weight(run.config),
+        class_weight_auto=stored_auto_weights({"config": run.config}) is not None,
     )
+
+
+def _class_weight(config: Mapping[str, Any]) -> list[float] | None:
+    """A stored config's ``loss.class_weight`` list (None: no class weights)."""
+    value = (config.get("loss") or {}).get("class_weight")
+    return [float(v) for v in value] if isinstance(value, list) else None
 
 
 def read_sweep(

@@ -29,6 +29,7 @@ from seg.tables import markdown_table
 from seg.data.folder import PairedDataset
 from seg.cli import run_in_process
 from seg.data.build import build_dataset
+from seg.data.class_weights import ClassFrequency, weights_report
 from seg.errors import ConfigError, DatasetError, SegError, first_line
 
 CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
@@ -65,6 +66,7 @@ class SplitReport:
     channel_sum: np.ndarray = field(default_factory=lambda: np.zeros(3, np.float64))
     channel_sq_sum: np.ndarray = field(default_factory=lambda: np.zeros(3, np.float64))
     pixels: int = 0
+    class_frequency: ClassFrequency = field(default_factory=ClassFrequency)  # class weights
 
     def mean_std(self) -> tuple[np.ndarray, np.ndarray]:
         """Per-channel RGB mean and std of the images (0-1 scale)."""
@@ -94,9 +96,9 @@ def check_split(dataset: PairedDataset, name: str) -> SplitReport:
                 f"label values outside the dataset's table ({shown}): {label_path}"
             )
             report.unknown_values.update(int(v) for v in unknown)
-        report.train_id_pixels += np.bincount(dataset.lut, weights=counts, minlength=256).astype(
-            np.int64
-        )
+        train_id_counts = np.bincount(dataset.lut, weights=counts, minlength=256).astype(np.int64)
+        report.train_id_pixels += train_id_counts
+        report.class_frequency.add(train_id_counts)
         pixels = image.reshape(-1, 3).astype(np.float64) / 255.0
         report.channel_sum += pixels.sum(0)
         report.channel_sq_sum += (pixels**2).sum(0)
@@ -162,6 +164,9 @@ def format_report(dataset_cfg: DictConfig, reports: list[SplitReport], errors: l
             ]
         )
     lines += [markdown_table(header, class_rows), ""]
+    for r in reports:
+        if r.name == "train" and r.pixels:
+            lines += [*weights_report(names, r.class_frequency, r.name), ""]
     for r in reports:
         if r.pixels:
             mean, std = r.mean_std()

@@ -212,6 +212,31 @@ RESULT_NEUTRAL_KEYS: tuple[str, ...] = (
 )
 
 
+#: The key of a stored config that records what its run resolved when it started: a
+#: mirror of the config holding, at each key the run replaced, the command's value
+#: (``loss.class_weight: auto`` resolved to a list: ``seg.engine.class_weight``).
+RESOLVED_FROM = "resolved_from"
+
+
+def as_commanded(config: Mapping[str, Any]) -> dict[str, Any]:
+    """``config`` as its command gave it: the values recorded under :data:`RESOLVED_FROM`
+    put back, the record dropped. ``resume=auto`` compares configs in this form, so that
+    a run that resolved ``loss.class_weight=auto`` equals the same command typed again."""
+    record = config.get(RESOLVED_FROM)
+    if not isinstance(record, Mapping):
+        return dict(config)
+
+    def put_back(node: Mapping[str, Any], given: Mapping[str, Any]) -> dict[str, Any]:
+        out = dict(node)
+        for key, value in given.items():
+            inner = out.get(key)
+            both_nodes = isinstance(value, Mapping) and isinstance(inner, Mapping)
+            out[key] = put_back(inner, value) if both_nodes else value
+        return out
+
+    return put_back({k: v for k, v in config.items() if k != RESOLVED_FROM}, record)
+
+
 def flatten(config: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     """``{"a": {"b": 1}}`` -> ``{"a.b": 1}`` (lists are values; an empty mapping is one)."""
     out: dict[str, Any] = {}
@@ -234,8 +259,9 @@ def config_differences(
     ignore: tuple[str, ...] = RESULT_NEUTRAL_KEYS,
 ) -> list[str]:
     """The dotted keys whose values differ between two resolved configs (or that one of
-    them lacks), sorted, leaving out ``ignore`` and the keys below them."""
-    a, b = flatten(stored), flatten(current)
+    them lacks), sorted, leaving out ``ignore`` and the keys below them. Both are compared
+    as their commands gave them (:func:`as_commanded`)."""
+    a, b = flatten(as_commanded(stored)), flatten(as_commanded(current))
     keys = sorted(set(a) | set(b))
     missing = object()
     return [
@@ -254,7 +280,7 @@ def describe_differences(
 ) -> str:
     """``"seed: 0 there, 1 here; ..."`` for the first ``limit`` of ``keys`` (``names``
     say which config is which)."""
-    a, b = flatten(stored), flatten(current)
+    a, b = flatten(as_commanded(stored)), flatten(as_commanded(current))
     parts = [
         f"{k}: {a.get(k, '(absent)')} {names[0]}, {b.get(k, '(absent)')} {names[1]}"
         for k in keys[:limit]

@@ -40,6 +40,7 @@ from seg.engine.build import (
     from_scratch_note,
     parse_settings,
 )
+from seg.engine.class_weight import class_weight_setting, resolve_class_weight
 from seg.engine.logging import RunLog, run_logging
 from seg.engine.loop import fit
 from seg.engine.state import (
@@ -88,6 +89,7 @@ def _run(cfg: DictConfig, run_dir: Path | None) -> TrainResult:
     if dist.get_rank() > 0:
         _drop_stray_rank_dir(own_dir, main_dir)
     settings = parse_settings(cfg)
+    class_weight = class_weight_setting(cfg)
     config = resolved_config(cfg)
     # Rank 0 decides where to resume from (it is the one that wrote the checkpoints).
     decision = _broadcast(_decide_start(cfg, main_dir, config) if dist.is_main() else None)
@@ -135,6 +137,9 @@ def _run(cfg: DictConfig, run_dir: Path | None) -> TrainResult:
             logger.warning(note)
         seed_everything(settings.seed + settings.rank)
         start = int(checkpoint["iteration"]) if checkpoint is not None else 0
+        cfg = resolve_class_weight(
+            cfg, class_weight, checkpoint, datasets[0], dist.is_main(), _broadcast
+        )
         parts = build_parts(cfg, settings, datasets, start_iter=start)
         state, rng = TrainState(), None
         if checkpoint is not None:

@@ -6,15 +6,25 @@ from collections.abc import Sequence
 
 from torch import Tensor
 
-from seg.errors import ConfigError
-from seg.losses.pixel import LabelLogProbLoss, PixelLoss, class_vector, mean_over
+from seg.losses.pixel import (
+    LabelLogProbLoss,
+    PixelLoss,
+    class_vector,
+    mean_over,
+    pixel_class_weights,
+)
 
 
 class CrossEntropyLoss(PixelLoss):
     """Cross-entropy averaged over valid pixels, with optional class weights.
 
-    With ``class_weights`` w the mean is sum(w[y] * l) / sum(w[y]) over valid pixels, as in
-    ``torch.nn.functional.cross_entropy``. A batch with no valid pixel gives 0 (torch: NaN).
+    With ``class_weights`` w (one finite value >= 0 per class; the loss config's
+    ``loss.class_weight``) the mean is PyTorch's weighted mean over the valid pixels i,
+
+        loss = sum_i w[y_i] * CE_i / sum_i w[y_i]
+
+    as ``torch.nn.functional.cross_entropy(weight=w)``; without, the plain mean. A batch
+    with no valid pixel, or whose valid pixels all weigh 0, gives 0 (torch: NaN).
     """
 
     def __init__(
@@ -31,13 +41,11 @@ class CrossEntropyLoss(PixelLoss):
         num_classes = logits.shape[1]
         safe, valid = self._prepare_labels(labels, num_classes)
         pixel_weight = valid.float()
-        if self.class_weights is not None:
-            if self.class_weights.numel() != num_classes:
-                raise ConfigError(
-                    f"CrossEntropyLoss: {self.class_weights.numel()} class_weights for "
-                    f"{num_classes} classes"
-                )
-            pixel_weight = pixel_weight * self.class_weights[safe.squeeze(1)]
+        class_weight = pixel_class_weights(
+            self.class_weights, safe, num_classes, "CrossEntropyLoss"
+        )
+        if class_weight is not None:
+            pixel_weight = pixel_weight * class_weight
 
         def term(log_p: Tensor) -> tuple[Tensor, Tensor]:
             loss, scaled = mean_over(log_p, pixel_weight)

@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 
 from seg.errors import ConfigError
-from seg.losses.pixel import LabelLogProbLoss, PixelLoss, class_vector
+from seg.losses.pixel import LabelLogProbLoss, PixelLoss, class_vector, pixel_class_weights
 
 
 class FocalLoss(PixelLoss):
@@ -16,6 +16,15 @@ class FocalLoss(PixelLoss):
 
     ``alpha`` (optional) lists one weight per class; the mean divides by the number of valid
     pixels (not by the sum of alpha). With ``gamma=0`` and no ``alpha`` it is cross-entropy.
+
+    ``class_weights`` w (optional, one finite value >= 0 per class; the loss config's
+    ``loss.class_weight``) is a per-class factor like alpha whose mean is CrossEntropyLoss's
+    weighted one: over the valid pixels i,
+
+        loss = sum_i w[y_i] * alpha[y_i] * (1 - p_i)^gamma * (-log p_i) / sum_i w[y_i]
+
+    (alpha = 1 when not given), so ``gamma=0`` with w and no alpha is CrossEntropyLoss with
+    the same w. Valid pixels that all weigh 0 give 0.
     """
 
     def __init__(
@@ -24,6 +33,7 @@ class FocalLoss(PixelLoss):
         alpha: Sequence[float] | None = None,
         ignore_index: int = 255,
         num_classes: int | None = None,
+        class_weights: Sequence[float] | None = None,
     ) -> None:
         super().__init__(ignore_index=ignore_index, num_classes=num_classes)
         if not gamma >= 0:
@@ -32,6 +42,8 @@ class FocalLoss(PixelLoss):
         self.register_buffer(
             "alpha", class_vector(alpha, num_classes, "FocalLoss alpha"), persistent=False
         )
+        vector = class_vector(class_weights, num_classes, "FocalLoss class_weights")
+        self.register_buffer("class_weights", vector, persistent=False)
 
     def _compute(self, logits: Tensor, labels: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
         num_classes = logits.shape[1]
@@ -43,9 +55,14 @@ class FocalLoss(PixelLoss):
                     f"FocalLoss: {self.alpha.numel()} alpha values for {num_classes} classes"
                 )
             pixel_weight = pixel_weight * self.alpha[safe.squeeze(1)]
+        class_weight = pixel_class_weights(self.class_weights, safe, num_classes, "FocalLoss")
         # Mean over valid pixels, written as in CrossEntropyLoss so that gamma=0 without
-        # alpha reproduces it bit for bit.
-        scale = pixel_weight / valid.float().sum().clamp_min(torch.finfo(torch.float32).tiny)
+        # alpha reproduces it bit for bit (with the same class weights too).
+        denominator = valid.float()
+        if class_weight is not None:
+            pixel_weight = pixel_weight * class_weight
+            denominator = denominator * class_weight
+        scale = pixel_weight / denominator.sum().clamp_min(torch.finfo(torch.float32).tiny)
 
         def term(log_p: Tensor) -> tuple[Tensor, Tensor]:
             # Autograd on the N x H x W per-pixel values only (cheap) gives dLoss/dlog p_t.

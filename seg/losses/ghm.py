@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from torch import Tensor
 
@@ -37,6 +39,10 @@ class GhmcLoss(PixelLoss):
     host-device sync. ``forward_with_stats`` reports ``easy_fraction``, the fraction of valid
     pixels in the lowest region (g < 1 / bins). A batch with no valid pixel gives 0 with zero
     gradients and leaves ``bin_counts`` unchanged.
+
+    Class weights (``loss.class_weight``) are refused: GHM-C's weights are normalised so that
+    every non-empty gradient region carries the same total weight, a per-class factor would
+    undo that balance, and the method defines no place for one.
     """
 
     def __init__(
@@ -45,8 +51,14 @@ class GhmcLoss(PixelLoss):
         momentum: float = 0.75,
         ignore_index: int = 255,
         num_classes: int | None = None,
+        class_weights: Sequence[float] | None = None,
     ) -> None:
         super().__init__(ignore_index=ignore_index, num_classes=num_classes)
+        if class_weights is not None:
+            raise ConfigError(
+                "GhmcLoss takes no class weights (loss.class_weight must be null with loss=ghm): "
+                "GHM-C already balances its pixels by gradient density, per gradient region"
+            )
         if isinstance(bins, bool) or int(bins) != bins or bins < 1:
             raise ConfigError(f"GhmcLoss bins must be an integer >= 1, got {bins}")
         if not 0.0 <= momentum < 1.0:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -27,11 +27,27 @@ class MultiHeadLoss(nn.Module):
     ``heads`` maps a head name (``main``, ``aux2``, ...) to ``{"loss": module, "weight": float}``
     (``weight`` defaults to 1). Any ``Mapping`` works, including the ``DictConfig`` that Hydra
     passes when it instantiates the nested loss nodes. ``name`` labels the setting in logs.
+
+    ``class_weight`` is the loss config's one per-class weight setting (``loss.class_weight``):
+    configs/loss/*.yaml pass it to every head's loss (``class_weights: ${loss.class_weight}``),
+    which applies it. Here it is only kept, as ``self.class_weight`` (a list or None), and
+    an unresolved ``auto`` is refused: the training run turns it into a list first.
     """
 
-    def __init__(self, heads: Mapping[str, Mapping[str, Any]], name: str | None = None) -> None:
+    def __init__(
+        self,
+        heads: Mapping[str, Mapping[str, Any]],
+        name: str | None = None,
+        class_weight: Sequence[float] | None = None,
+    ) -> None:
         super().__init__()
         self.name = name
+        if isinstance(class_weight, str):
+            raise ConfigError(
+                f"loss.class_weight={class_weight!r} must be resolved to a list before the loss "
+                "is built (tools/train.py does it for 'auto')"
+            )
+        self.class_weight = None if class_weight is None else [float(v) for v in class_weight]
         if not isinstance(heads, Mapping) or len(heads) == 0:
             raise ConfigError(f"MultiHeadLoss heads must be a non-empty mapping, got {heads!r}")
         self.losses = nn.ModuleDict()

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor
 
 from seg.errors import ConfigError
-from seg.losses.pixel import LabelLogProbLoss, PixelLoss
+from seg.losses.pixel import LabelLogProbLoss, PixelLoss, class_vector, pixel_class_weights
 
 
 class OhemCELoss(PixelLoss):
@@ -18,6 +19,13 @@ class OhemCELoss(PixelLoss):
     n_min = floor(valid pixels in the batch * min_kept_ratio) (at least 1 when any pixel is
     valid); if fewer than n_min pixels are hard, the n_min largest losses are kept instead.
     Returns the mean over the kept pixels; ``kept_fraction`` = kept / valid pixels.
+
+    With ``class_weights`` w (one finite value >= 0 per class; the loss config's
+    ``loss.class_weight``) the selection is unchanged (by each pixel's unweighted CE, i.e.
+    its true-class probability against ``thresh``, and by n_min) and the loss is the
+    weighted mean over the kept pixels, sum w[y] * CE / sum w[y], as CrossEntropyLoss over
+    the kept pixels (a tie at the cut enters with its share). Kept pixels that all weigh 0
+    give 0. ``kept_fraction`` still counts pixels.
 
     Our definitions where the reference versions return NaN: a batch with no valid pixel gives
     0 with zero gradients; fewer than 1 / min_kept_ratio valid pixels keep at least one pixel.
@@ -45,6 +53,7 @@ class OhemCELoss(PixelLoss):
         min_kept_ratio: float = 1 / 16,
         num_classes: int | None = None,
         selection: str = "auto",
+        class_weights: Sequence[float] | None = None,
     ) -> None:
         super().__init__(ignore_index=ignore_index, num_classes=num_classes)
         if not 0.0 < thresh < 1.0:
@@ -61,6 +70,8 @@ class OhemCELoss(PixelLoss):
         self.min_kept_ratio = float(min_kept_ratio)
         self.selection = selection
         self.loss_thresh = -math.log(self.thresh)  # per-pixel CE above this is "hard"
+        vector = class_vector(class_weights, num_classes, "OhemCELoss class_weights")
+        self.register_buffer("class_weights", vector, persistent=False)
 
     def n_min(self, n_valid: int) -> int:
         """Minimum number of pixels kept for ``n_valid`` valid pixels."""
@@ -70,6 +81,7 @@ class OhemCELoss(PixelLoss):
 
     def _compute(self, logits: Tensor, labels: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
         safe, valid = self._prepare_labels(labels, logits.shape[1])
+        class_weight = pixel_class_weights(self.class_weights, safe, logits.shape[1], "OhemCELoss")
         selection = self.selection
         if selection == "auto":
             selection = "host" if logits.device.type == "cpu" else "device"
@@ -81,8 +93,14 @@ class OhemCELoss(PixelLoss):
             pixel_loss = torch.where(valid, log_p, 1.0).neg_()
             n_valid = torch.count_nonzero(valid)
             weights, n_kept = kept_weights(pixel_loss, n_valid)
-            # coeff = dLoss/dlog p_t: -1/n_kept on kept pixels, 0 elsewhere; loss = -coeff . log p_t
-            coeff = weights * (-1.0 / n_kept.clamp_min(1))
+            if class_weight is None:
+                # coeff = dLoss/dlog p_t: -1/n_kept on kept pixels, 0 elsewhere;
+                # loss = -coeff . log p_t
+                coeff = weights * (-1.0 / n_kept.clamp_min(1))
+            else:  # -k w[y] / sum(k w[y]) with k the kept weights (ties shared)
+                kept_class_weight = weights * class_weight
+                total = kept_class_weight.sum().clamp_min(torch.finfo(torch.float32).tiny)
+                coeff = kept_class_weight / -total
             stats["kept_fraction"] = n_kept / n_valid.clamp_min(1)
             return -torch.dot(pixel_loss.view(-1), coeff.view(-1)), coeff
 

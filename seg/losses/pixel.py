@@ -161,14 +161,44 @@ class PixelLoss(nn.Module):
 def class_vector(
     values: Sequence[float] | None, num_classes: int | None, what: str
 ) -> Tensor | None:
-    """Per-class float32 vector from config, checked against ``num_classes``."""
+    """Per-class float32 vector from config, checked: one finite value >= 0 per class.
+
+    ``"auto"`` is refused here: the training run resolves ``loss.class_weight=auto`` to a
+    list before it builds the loss (in Python, compute one with
+    ``seg.data.class_weights.count_class_frequency``).
+    """
     if values is None:
         return None
-    vector = torch.as_tensor(list(values), dtype=torch.float32)
+    if isinstance(values, str):
+        raise ConfigError(
+            f"{what} must be a list of numbers, got {values!r} ('auto' is resolved by "
+            "tools/train.py from loss.class_weight=auto before the loss is built)"
+        )
+    try:
+        vector = torch.as_tensor(list(values), dtype=torch.float32)
+    except (TypeError, ValueError, RuntimeError):
+        raise ConfigError(f"{what} must be a list of numbers, got {values!r}") from None
     if vector.dim() != 1 or (num_classes is not None and vector.numel() != num_classes):
         raise ConfigError(
             f"{what} must list one value per class ({num_classes}), got {list(values)}"
         )
-    if bool((vector < 0).any()):
-        raise ConfigError(f"{what} must be non-negative, got {list(values)}")
+    if not bool(torch.isfinite(vector).all()) or bool((vector < 0).any()):
+        raise ConfigError(f"{what} must be finite and non-negative, got {list(values)}")
     return vector
+
+
+def pixel_class_weights(
+    class_weights: Tensor | None, safe_labels: Tensor, num_classes: int, what: str
+) -> Tensor | None:
+    """Each pixel's class weight w[y]: float32 N x H x W (None without class weights).
+
+    ``safe_labels``: int64 N x 1 x H x W in [0, C) (``PixelLoss._prepare_labels``).
+    Indexing stays on the device: no host-device sync.
+    """
+    if class_weights is None:
+        return None
+    if class_weights.numel() != num_classes:
+        raise ConfigError(
+            f"{what}: {class_weights.numel()} class weights for {num_classes} classes"
+        )
+    return class_weights[safe_labels.squeeze(1)]
