@@ -4,7 +4,7 @@ or an exported ONNX model on a dataset config that the user names.
 Command line (Hydra overrides; ``-m`` evaluates several checkpoints)::
 
     python tools/eval.py ckpt=PATH [out=DIR] [save_pred=labelIds|color] [device=cpu]
-        [dataset.root=...] [dataset.split=val|train] [eval.mode=slide] [eval.flip=true]
+        [dataset.root=...] [dataset.split=val|train|test] [eval.mode=slide] [eval.flip=true]
         [eval.scales=[0.75,1.0,1.25]] [loader.num_workers=2] [eval=slide]
         [reference=OTHER.pt|OTHER.onnx]
     python tools/eval.py ckpt=MODEL.onnx dataset=NAME [dataset.root=...] [onnx_threads=N] ...
