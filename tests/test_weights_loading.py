@@ -189,14 +189,108 @@ def test_files_without_a_state_dict(tmp_path: Path) -> None:
 
 def test_model_weights_is_strict_by_default(state: dict, tmp_path: Path, caplog) -> None:
     path = tmp_path / "city.pt"
-    torch.save({"model": state, "config": {}}, path)
+    partial = {key: value for key, value in state.items() if key != "bga.fuse.conv.weight"}
+    torch.save({"model": partial, "config": {}}, path)
     with pytest.raises(CheckpointError) as error:
-        BiSeNetV2(7, weights=str(path))
-    assert "10 shape mismatches" in one_line(error) and str(path) in str(error.value)
+        BiSeNetV2(19, weights=str(path))
+    assert "1 missing keys (bga.fuse.conv.weight)" in one_line(error)
+    assert str(path) in str(error.value)
     with caplog.at_level(logging.WARNING, logger="seg.models.weights"):
-        net = BiSeNetV2(7, weights=str(path), weights_strict=False)
-    assert "skipped 10 shape mismatches" in caplog.text
+        net = BiSeNetV2(19, weights=str(path), weights_strict=False)
+    assert "skipped 1 missing keys" in caplog.text
     assert torch.equal(net.detail.s1[0].conv.weight, state["detail.s1.0.conv.weight"])
+
+
+CLASSIFIER_KEYS = [
+    f"{head}.classifier.{leaf}"
+    for head in ("head", "aux_heads.aux2", "aux_heads.aux3", "aux_heads.aux4", "aux_heads.aux5_4")
+    for leaf in ("weight", "bias")
+]
+
+
+def test_classifier_modules_are_the_five_heads_classifiers() -> None:
+    assert [f"{name}.weight" for name in BiSeNetV2(3).classifier_modules()] == [
+        key for key in CLASSIFIER_KEYS if key.endswith("weight")
+    ]
+    assert BiSeNetV2(3, aux_heads=False).classifier_modules() == ["head.classifier"]
+
+
+@pytest.mark.parametrize("strict", [True, False])
+def test_other_class_count_reinitialises_exactly_the_classifiers(
+    state: dict, tmp_path: Path, caplog: pytest.LogCaptureFixture, strict: bool
+) -> None:
+    """19-class weights into an 11-class model (fine-tuning on CamVid): every other tensor
+    is the file's, the ten classifier tensors are the model's own fresh initialisation."""
+    path = tmp_path / "city19.pt"
+    torch.save({"model": state, "config": {}}, path)
+    torch.manual_seed(5)
+    fresh = BiSeNetV2(11).state_dict()
+    torch.manual_seed(5)
+    with caplog.at_level(logging.INFO, logger="seg.models.weights"):
+        net = BiSeNetV2(11, weights=str(path), weights_strict=strict)
+    loaded = net.state_dict()
+    assert loaded.keys() == state.keys()
+    for key, value in loaded.items():
+        if key in CLASSIFIER_KEYS:
+            assert value.shape[0] == 11 and value.shape[1:] == state[key].shape[1:], key
+            assert torch.equal(value, fresh[key]), key
+        else:
+            assert torch.equal(value, state[key]), key
+    summary, names = (r.getMessage() for r in caplog.records)
+    assert summary == (
+        f"weights: loaded {len(state) - 10} tensors from {path}; re-initialised 10 classifier "
+        "tensors of the heads (the file predicts 19 classes, this model 11; names below)"
+    )
+    assert names == f"weights: re-initialised (class count): {', '.join(CLASSIFIER_KEYS)}"
+    assert all(r.levelno == logging.WARNING for r in caplog.records)
+
+
+def test_report_of_a_class_count_change(state: dict, tmp_path: Path) -> None:
+    net = BiSeNetV2(11)
+    report = load_into(net, state, "s.pt", classifiers=net.classifier_modules())
+    assert report.fits and report.reinitialised == CLASSIFIER_KEYS
+    assert report.class_counts == (19, 11) and len(report.loaded) == len(state) - 10
+    # Checkpoint loaders (eval, predict, export) name no classifiers: still one error line.
+    with pytest.raises(CheckpointError, match="10 shape mismatches"):
+        load_into(BiSeNetV2(11), state, "s.pt")
+
+
+@pytest.mark.parametrize(
+    ("key", "shape", "expected"),
+    [
+        (
+            "detail.s1.0.conv.weight",
+            (32, 3, 3, 3),
+            "1 shape mismatches (detail.s1.0.conv.weight (32, 3, 3, 3) in the file vs "
+            "(64, 3, 3, 3) in the model)",
+        ),
+        (
+            "head.classifier.weight",
+            (19, 1000, 1, 1),
+            "1 shape mismatches (head.classifier.weight (19, 1000, 1, 1) in the file vs "
+            "(11, 1024, 1, 1) in the model)",
+        ),
+        (
+            "aux_heads.aux3.classifier.bias",
+            (7,),
+            "10 shape mismatches (head.classifier.weight (19, 1024, 1, 1) in the file vs "
+            "(11, 1024, 1, 1) in the model, ",
+        ),
+    ],
+    ids=["backbone", "classifier_input_side", "classifiers_disagree"],
+)
+def test_anything_else_that_does_not_fit_stays_one_error_line(
+    state: dict, tmp_path: Path, key: str, shape: tuple[int, ...], expected: str
+) -> None:
+    """A mismatched non-classifier tensor, a classifier whose input side differs, or
+    classifiers that disagree on the class count: the strict error of before."""
+    path = tmp_path / "bad.pt"
+    torch.save({"model": {**state, key: torch.zeros(shape)}}, path)
+    with pytest.raises(CheckpointError) as error:
+        BiSeNetV2(11, weights=str(path))
+    message = one_line(error)
+    assert message.startswith(f"weights from {path} do not fit BiSeNetV2: ")
+    assert expected in message
 
 
 def test_a_published_layout_names_the_converter(tmp_path: Path) -> None:

@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 from hydra import compose, initialize_config_dir
 from hydra.errors import HydraException
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
 from seg.tables import markdown_table
@@ -115,30 +115,52 @@ def _read_only(node: DictConfig) -> dict[str, Any]:
     return options
 
 
-def _split_datasets(dataset_cfg: DictConfig) -> list[tuple[str, PairedDataset | None, str]]:
-    """Build each split without transforms: ``(name, dataset or None, error or '')``.
+def checked_splits(dataset_cfg: DictConfig) -> tuple[list[str], set[str]]:
+    """The splits a check reads, and those of them that may be absent.
 
-    Cityscapes-style configs (a ``split`` argument) are checked on train/val/test; a missing
-    test split is not an error. Other configs are checked on their ``train``/``val`` nodes.
-    A check only reads: a missing SynthCity root is an error, not generated.
+    A dataset config declares them with ``check_splits`` (e.g. CamVid ``[train, val,
+    test]``; Cityscapes ``[train, val]``, as its test annotations are withheld): each must
+    open. Without it: ``train`` and ``dataset.split``, plus ``test`` where it exists when
+    the ``val`` node takes a ``split`` argument (Cityscapes layout).
     """
+    declared = dataset_cfg.get("check_splits")
+    if declared is not None:
+        return [str(split) for split in declared], set()
+    splits = list(dict.fromkeys(["train", str(dataset_cfg.split)]))
+    if "split" in dataset_cfg.val and "test" not in splits:
+        return [*splits, "test"], {"test"}
+    return splits, set()
+
+
+def split_node(dataset_cfg: DictConfig, split: str) -> DictConfig:
+    """The node that reads ``split``: ``dataset.train`` for ``train``, else ``dataset.val``
+    with its interpolations resolved for ``dataset.split=<split>`` (a copy; the dataset
+    config's interpolations name keys of the dataset node)."""
+    if split == "train":
+        return dataset_cfg.train
+    raw = OmegaConf.to_container(dataset_cfg, resolve=False)
+    assert isinstance(raw, dict)
+    raw["split"] = split
+    return OmegaConf.create({"dataset": raw}).dataset.val
+
+
+def _split_datasets(dataset_cfg: DictConfig) -> list[tuple[str, PairedDataset | None, str]]:
+    """Build each split of :func:`checked_splits` without transforms: ``(name, dataset or
+    None, error or '')``; an optional split whose folder is missing is left out. A check
+    only reads: a missing SynthCity root is an error, not generated."""
+    splits, optional = checked_splits(dataset_cfg)
     out = []
-    if "split" in dataset_cfg.train:
-        wanted = [("train", dataset_cfg.train), ("val", dataset_cfg.val), ("test", dataset_cfg.val)]
-        for split, node in wanted:
-            try:
-                out.append((split, build_dataset(node, split=split, **_read_only(node)), ""))
-            except DatasetError as err:
-                if split == "test" and "split folder not found" in str(err):
-                    continue
-                out.append((split, None, str(err)))
-    else:
-        for split in ("train", "val"):
-            try:
-                node = dataset_cfg[split]
-                out.append((split, build_dataset(node, **_read_only(node)), ""))
-            except DatasetError as err:
-                out.append((split, None, str(err)))
+    for split in splits:
+        node = split_node(dataset_cfg, split)
+        try:
+            dataset = build_dataset(
+                node, f"{split} split", dataset_cfg=dataset_cfg, **_read_only(node)
+            )
+            out.append((split, dataset, ""))
+        except DatasetError as err:
+            if split in optional and "split folder not found" in str(err):
+                continue
+            out.append((split, None, str(err)))
     return out
 
 

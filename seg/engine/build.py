@@ -10,7 +10,7 @@ training step). Nothing below this module reads the config.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -23,6 +23,7 @@ from seg import dist
 from seg.data.build import build_dataset
 from seg.data.loader import build_eval_loader, build_train_loader
 from seg.engine.amp import AmpSettings, build_grad_scaler, resolve_amp
+from seg.engine.dataset_paths import dataset_templates
 from seg.engine.ema import EmaSettings, ModelEma
 from seg.engine.step import TrainStep
 from seg.errors import ConfigError
@@ -195,9 +196,9 @@ def from_scratch_note(cfg: DictConfig) -> str | None:
 
 def build_datasets(cfg: DictConfig) -> tuple[Dataset, Dataset]:
     """The training and validation datasets (``cfg.dataset.train`` / ``.val``)."""
-    return build_dataset(cfg.dataset.train, "train dataset"), build_dataset(
-        cfg.dataset.val, "val dataset"
-    )
+    return build_dataset(
+        cfg.dataset.train, "train dataset", dataset_cfg=cfg.dataset
+    ), build_dataset(cfg.dataset.val, "val dataset", dataset_cfg=cfg.dataset)
 
 
 def hyper_parameters(cfg: DictConfig, settings: TrainSettings) -> dict[str, Any]:
@@ -241,6 +242,8 @@ class TrainParts:
         config: the resolved config as plain containers (stored in checkpoints).
         class_names, palette: for reports (per-class IoU, coloured panels).
         hparams: the summary for TensorBoard's HPARAMS tab.
+        dataset_templates: the unresolved dataset paths built from ``dataset.root`` /
+            ``dataset.split`` (stored in checkpoints; ``seg.engine.dataset_paths``).
     """
 
     settings: TrainSettings
@@ -253,6 +256,7 @@ class TrainParts:
     class_names: list[str]
     palette: list[list[int]]
     hparams: dict[str, Any]
+    dataset_templates: dict[str, str] = field(default_factory=dict)
 
     @property
     def eval_model(self) -> nn.Module:
@@ -375,4 +379,5 @@ def build_parts(
         class_names=[str(n) for n in cfg.dataset.get("class_names") or []],
         palette=[list(c) for c in cfg.dataset.get("palette") or []],
         hparams=hyper_parameters(cfg, settings),
+        dataset_templates=dataset_templates(cfg),
     )

@@ -4,7 +4,7 @@ or an exported ONNX model on a dataset config that the user names.
 Command line (Hydra overrides; ``-m`` evaluates several checkpoints)::
 
     python tools/eval.py ckpt=PATH [out=DIR] [save_pred=labelIds|color] [device=cpu]
-        [dataset.root=...] [dataset.split=val|train] [eval.mode=slide] [eval.flip=true]
+        [dataset.root=...] [dataset.split=val|train|test] [eval.mode=slide] [eval.flip=true]
         [eval.scales=[0.75,1.0,1.25]] [loader.num_workers=2] [eval=slide]
         [reference=OTHER.pt|OTHER.onnx]
     python tools/eval.py ckpt=MODEL.onnx dataset=NAME [dataset.root=...] [onnx_threads=N] ...
@@ -50,7 +50,9 @@ from seg import dist
 from seg.checkpoint import load_checkpoint
 from seg.cli import CONFIG_DIR, run_in_process
 from seg.data.batch import batch_to_device
+from seg.data.build import build_dataset
 from seg.data.loader import build_eval_loader
+from seg.engine.dataset_paths import apply_templates, read_templates, relocate_paths
 from seg.engine.evaluator import Evaluator
 from seg.engine.load import check_stored_config, is_onnx, load_inference_model
 from seg.engine.state import flatten
@@ -72,7 +74,8 @@ ONNX_EVAL_PRESET, ONNX_LOADER_PRESET = "whole", "default"
 # The stored config is resolved: keys that were interpolations of another key no longer
 # follow it. These links come from the dataset and eval contracts (docs/architecture.md);
 # a linked key still holding the source's old value is updated with it. Paths built from
-# dataset.root and dataset.split (every dataset kind) are followed by relocate_paths.
+# dataset.root and dataset.split (every dataset kind) are built again from the templates
+# the checkpoint recorded (seg/engine/dataset_paths.py; older checkpoints: relocate_paths).
 LINKED_KEYS: dict[str, tuple[str, ...]] = {
     "dataset.split": ("dataset.val.split",),
     "dataset.num_classes": ("eval.num_classes",),
@@ -115,56 +118,19 @@ def user_overrides(tool_cfg: DictConfig, preset: str | None) -> dict[str, Any]:
     return out
 
 
-def relocate_paths(
-    dataset: DictConfig, old_root: Any, old_split: Any, explicit: Sequence[str]
-) -> None:
-    """Make the stored dataset nodes follow a new ``dataset.root`` / ``dataset.split``.
-
-    The stored config is resolved, so ``image_dir: ${dataset.root}/images/${dataset.split}``
-    (FolderDataset) or ``root: ${dataset.root}`` (Cityscapes, SynthCity) now hold plain
-    strings. Every string under ``dataset.train`` / ``dataset.val`` equal to the old root,
-    or a path below it, moves to the new root; below the root, a path component equal to
-    the old split becomes the new split in ``dataset.val`` (the evaluated split). Keys the
-    user set themselves (``explicit``) are left as set.
-    """
-    new_root, new_split = dataset.get("root"), dataset.get("split")
-    moved_root = old_root not in (None, "") and new_root != old_root
-    moved_split = old_split not in (None, "") and new_split != old_split
-
-    def follow(node: Any, path: str, is_val: bool) -> None:
-        for key in list(node.keys()):
-            name = f"{path}.{key}"
-            value = node[key]
-            if isinstance(value, DictConfig):
-                follow(value, name, is_val)
-                continue
-            if name in explicit or not isinstance(value, str):
-                continue
-            root = str(old_root)
-            if value != root and not value.startswith(root.rstrip("/") + "/"):
-                continue
-            rest = value[len(root) :]
-            if moved_split and is_val:
-                parts = rest.split("/")
-                rest = "/".join(str(new_split) if p == str(old_split) else p for p in parts)
-            node[key] = (str(new_root) if moved_root else root) + rest
-
-    if not (moved_root or moved_split):
-        return
-    for split_node in ("train", "val"):
-        node = dataset.get(split_node)
-        if isinstance(node, DictConfig):
-            follow(node, f"dataset.{split_node}", split_node == "val")
-
-
 def build_eval_config(
     stored: Mapping[str, Any],
     overrides: Mapping[str, Any],
     eval_preset: Mapping[str, Any] | DictConfig | None = None,
     sections: Sequence[str] = ("dataset", "model", "eval"),
+    templates: Mapping[str, str] | None = None,
 ) -> DictConfig:
     """The config to evaluate with: the checkpoint's config, an optional ``eval`` preset,
     then the user's dotted ``overrides``; resolved, and read-only in structure.
+
+    ``templates``: the checkpoint's dataset path templates (``seg.engine.dataset_paths``),
+    which rebuild every path made from ``dataset.root`` / ``dataset.split`` with their new
+    values; None (an older checkpoint): :func:`relocate_paths` moves whole path components.
 
     Raises:
         ConfigError: an override names a key the stored config does not have, or one of
@@ -188,7 +154,9 @@ def build_eval_config(
         for linked in LINKED_KEYS.get(key, ()):
             if linked not in overrides and _select(cfg, linked) == old and old is not None:
                 OmegaConf.update(cfg, linked, value, merge=False)
-    if isinstance(cfg.get("dataset"), DictConfig):
+    if templates is not None:
+        apply_templates(cfg, templates, list(overrides))
+    elif isinstance(cfg.get("dataset"), DictConfig):
         relocate_paths(cfg.dataset, old_root, old_split, list(overrides))
     try:
         OmegaConf.resolve(cfg)
@@ -449,7 +417,8 @@ def run_eval(
         preset_node = None
         if preset is not None:
             preset_node = OmegaConf.to_container(tool_cfg.eval, resolve=False)
-        cfg = build_eval_config(checkpoint["config"], overrides, preset_node)
+        templates = read_templates(checkpoint, ckpt_path)
+        cfg = build_eval_config(checkpoint["config"], overrides, preset_node, templates=templates)
     out_dir = Path(str(tool_cfg.out)) if tool_cfg.get("out") else ckpt_path.parent
 
     device_setting = str(tool_cfg.get("device", "auto"))
@@ -469,7 +438,9 @@ def run_eval(
         else:
             device = net.device  # onnxruntime on the CPU
             check_classes = net.num_classes
-        dataset = build_from_checkpoint(cfg.dataset.val, "dataset")
+        dataset = build_dataset(
+            cfg.dataset.val, "dataset", dataset_cfg=cfg.dataset, from_checkpoint=True
+        )
         check_num_classes(cfg, dataset, ckpt_path, check_classes)
         evaluator: Evaluator = build_from_checkpoint(cfg.eval, "evaluator")
         loader_cfg = cfg.get("loader") or {}
@@ -521,8 +492,9 @@ def run_eval(
                 "amp": evaluator.amp,
                 "world_size": dist.get_world_size(),
             }
-            if _select(cfg, "dataset.val.image_dir"):  # folder datasets: where it looked
-                info["image_dir"] = _select(cfg, "dataset.val.image_dir")
+            for folder in ("image_dir", "mask_dir"):  # folder datasets: where it looked
+                if _select(cfg, f"dataset.val.{folder}"):
+                    info[folder] = _select(cfg, f"dataset.val.{folder}")
             if is_onnx(ckpt_path):
                 info["onnxruntime"] = net.model.runtime_settings()
                 print(f"model: {net.model.describe()}")

@@ -154,7 +154,9 @@ def save(
     path = folder / name
     state.nonfinite_steps, state.nonfinite_streak = stats.skip_counts()
     if dist.is_main():
-        payload = checkpoint_payload(parts.model, parts.step, state, parts.config)
+        payload = checkpoint_payload(
+            parts.model, parts.step, state, parts.config, parts.dataset_templates
+        )
         try:
             save_checkpoint(path, payload)
             keep = parts.settings.keep_snapshots

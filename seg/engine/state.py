@@ -68,9 +68,15 @@ class TrainState:
 
 
 def checkpoint_payload(
-    model: nn.Module, step: TrainStep, state: TrainState, config: Mapping[str, Any]
+    model: nn.Module,
+    step: TrainStep,
+    state: TrainState,
+    config: Mapping[str, Any],
+    dataset_templates: Mapping[str, str] | None = None,
 ) -> dict[str, Any]:
-    """The checkpoint dict of a run (rank 0's RNG states; ``"ema"`` when the step has one)."""
+    """The checkpoint dict of a run (rank 0's RNG states; ``"ema"`` when the step has one;
+    ``"dataset_templates"``, the unresolved dataset paths, when given:
+    ``seg.engine.dataset_paths``)."""
     payload = {
         "model": model.state_dict(),
         "optimizer": step.optimizer.state_dict(),
@@ -90,6 +96,8 @@ def checkpoint_payload(
     }
     if step.ema is not None:
         payload["ema"] = step.ema.state_dict()
+    if dataset_templates is not None:
+        payload["dataset_templates"] = dict(dataset_templates)
     return payload
 
 
@@ -195,7 +203,9 @@ def restore_rng_state(state: Mapping[str, Any]) -> None:
 #: decide when things are written or read; the data order and augmentation depend on
 #: the seed and the sample's position, not on the number of loader workers
 #: (tests/test_resume.py), and the decoded cache holds exactly the source files' pixels
-#: (tests/test_data_cache.py). Everything else, ``trainer.max_iters`` included, must match.
+#: (tests/test_data_cache.py); ``dataset.check_splits`` and ``dataset.missing_hint`` are read
+#: by tools/check_dataset.py and error messages only. Everything else, ``trainer.max_iters``
+#: included, must match.
 RESULT_NEUTRAL_KEYS: tuple[str, ...] = (
     "resume",
     "trainer.log_interval",
@@ -204,6 +214,8 @@ RESULT_NEUTRAL_KEYS: tuple[str, ...] = (
     "trainer.keep_snapshots",
     "trainer.check_finite_every_step",
     "loader.num_workers",
+    "dataset.check_splits",
+    "dataset.missing_hint",
     *(
         f"dataset.{node}{key}"
         for node in ("", "train.", "val.")

@@ -326,7 +326,9 @@ class BiSeNetV2(nn.Module):
         backbone_only: load only the detail and semantic branches from ``weights``.
         weights_strict: a ``weights`` or ``backbone_weights`` file that does not fit
             exactly (missing, unexpected or mis-shaped keys) is an error; with False what
-            fits is loaded and what was skipped is logged.
+            fits is loaded and what was skipped is logged. Either way, a ``weights`` file
+            whose head classifiers alone predict another class count is loaded with those
+            classifiers re-initialised (:meth:`classifier_modules`; logged).
         backbone_weights: optional local file in the layout of CoinCheung/BiSeNet's
             ImageNet-pretrained ``backbone_v2.pth`` (a dict with ``"detail"`` and
             ``"segment"`` state dicts), loaded into the two branches before ``weights``.
@@ -380,7 +382,19 @@ class BiSeNetV2(nn.Module):
                 only=BACKBONE_MODULES if backbone_only else None,
                 strict=weights_strict,
                 settings={"bga_upsample": bga_upsample, "bga_pointwise_bias": bga_pointwise_bias},
+                classifiers=self.classifier_modules(),
             )
+
+    def classifier_modules(self) -> list[str]:
+        """Names of the 1x1 convolutions that map features to class logits: the
+        ``classifier`` of the main head and of each auxiliary head, the only layers whose
+        shape depends on ``num_classes``. ``model.weights=`` from a file with another class
+        count re-initialises exactly these (:func:`seg.models.weights.load_into`)."""
+        return [
+            f"{name}.classifier"
+            for name, module in self.named_modules()
+            if isinstance(module, SegmentHead)
+        ]
 
     def load_backbone(self, path: str, strict: bool = True) -> None:
         """Load a ``backbone_v2.pth``-layout file (``{"detail": sd, "segment": sd}`` in

@@ -52,6 +52,9 @@ class WeightsReport:
     ``unexpected``: state keys the model lacks. ``mismatched``: keys present in both with
     other shapes, as ``"key (shape) in the file vs (shape) in the model"``. ``dropped``: auxiliary-head
     entries left out because the model was built without auxiliary heads (not a problem).
+    ``reinitialised``: classifier tensors whose class dimension alone differs (fine-tuning
+    to another class count): not loaded, they keep the model's initialisation (not a
+    problem); ``class_counts``: the class counts of the file and the model then.
     """
 
     source: str
@@ -60,6 +63,8 @@ class WeightsReport:
     unexpected: list[str] = field(default_factory=list)
     mismatched: list[str] = field(default_factory=list)
     dropped: list[str] = field(default_factory=list)
+    reinitialised: list[str] = field(default_factory=list)
+    class_counts: tuple[int, int] | None = None
 
     @property
     def fits(self) -> bool:
@@ -85,7 +90,26 @@ class WeightsReport:
             parts.append("skipped " + self.problems())
         if self.dropped:
             parts.append(f"dropped {len(self.dropped)} auxiliary-head entries")
+        if self.reinitialised and self.class_counts is not None:
+            in_file, in_model = self.class_counts
+            parts.append(
+                f"re-initialised {len(self.reinitialised)} classifier tensors of the heads "
+                f"(the file predicts {in_file} classes, this model {in_model}; names below)"
+            )
         return "; ".join(parts)
+
+
+def _mismatch(key: str, value: torch.Tensor, expected: torch.Tensor) -> str:
+    return f"{key} {tuple(value.shape)} in the file vs {tuple(expected.shape)} in the model"
+
+
+def _class_dimension_only(value: torch.Tensor, expected: torch.Tensor) -> bool:
+    """The two shapes differ in their first (output, class) dimension alone."""
+    return (
+        value.ndim == expected.ndim >= 1
+        and value.shape[0] != expected.shape[0]
+        and value.shape[1:] == expected.shape[1:]
+    )
 
 
 def load_into(
@@ -94,6 +118,7 @@ def load_into(
     source: str | Path,
     *,
     strict: bool = True,
+    classifiers: Sequence[str] = (),
 ) -> WeightsReport:
     """Load ``state`` into ``model`` and report what fitted.
 
@@ -105,6 +130,12 @@ def load_into(
         source: where ``state`` came from (a path), named in messages.
         strict: any missing, unexpected or shape-mismatched key raises; otherwise what fits
             is loaded and what was skipped is logged as a warning.
+        classifiers: names of the modules (``head.classifier``) whose output dimension is
+            the class count, given by the model (``BiSeNetV2.classifier_modules``). Their
+            tensors whose first dimension alone differs from the model's are not loaded:
+            they keep the model's fresh initialisation, are listed in ``reinitialised``
+            and logged (a warning line, then their names), and are no problem even when
+            strict. Empty (the default, every checkpoint loader): no exception.
     Returns:
         A :class:`WeightsReport`.
     Raises:
@@ -116,6 +147,7 @@ def load_into(
     model_has_aux = any(key.startswith(AUX_HEADS_PREFIX) for key in target)
     report = WeightsReport(source=str(source))
     to_load: dict[str, torch.Tensor] = {}
+    candidates: dict[str, tuple[int, int]] = {}  # classifier key -> (file, model) classes
     for key, value in cleaned.items():
         if key not in target:
             if key.startswith(AUX_HEADS_PREFIX) and not model_has_aux:
@@ -125,11 +157,17 @@ def load_into(
         elif not isinstance(value, torch.Tensor):
             report.mismatched.append(f"{key} ({type(value).__name__}, not a tensor)")
         elif value.shape != target[key].shape:
-            report.mismatched.append(
-                f"{key} {tuple(value.shape)} in the file vs {tuple(target[key].shape)} in the model"
-            )
+            if key.rpartition(".")[0] in classifiers and _class_dimension_only(value, target[key]):
+                candidates[key] = (int(value.shape[0]), int(target[key].shape[0]))
+            else:
+                report.mismatched.append(_mismatch(key, value, target[key]))
         else:
             to_load[key] = value
+    if len(set(candidates.values())) == 1:  # one class count in the file, another here
+        report.reinitialised = [key for key in target if key in candidates]  # model order
+        report.class_counts = next(iter(candidates.values()))
+    else:  # the classifiers disagree among themselves: not a class-count change
+        report.mismatched += [_mismatch(key, cleaned[key], target[key]) for key in candidates]
     report.missing = [key for key in target if key not in cleaned]
     report.loaded = sorted(to_load)
     name = type(model).__name__
@@ -139,11 +177,13 @@ def load_into(
         raise CheckpointError(
             f"no tensor of {source} fits {name}: {report.problems() or 'the state is empty'}"
         )
-    model.load_state_dict(to_load, strict=report.fits)
-    if report.fits:
+    model.load_state_dict(to_load, strict=report.fits and not report.reinitialised)
+    if report.fits and not report.reinitialised:
         logger.info("weights: %s", report.summary())
     else:
         logger.warning("weights: %s", report.summary())
+    if report.reinitialised:
+        logger.warning("weights: re-initialised (class count): %s", ", ".join(report.reinitialised))
     return report
 
 
@@ -262,6 +302,7 @@ def load_weights(
     only: Sequence[str] | None = None,
     strict: bool = True,
     settings: Mapping[str, Any] | None = None,
+    classifiers: Sequence[str] = (),
 ) -> WeightsReport:
     """Load the weights file ``path`` into ``model`` with :func:`load_into`.
 
@@ -273,7 +314,7 @@ def load_weights(
         only: names of top-level submodules of ``model`` to load (e.g. ``("detail",
             "semantic")`` for the backbone); other submodules keep their initialisation
             and file keys outside them are ignored.
-        strict: as in :func:`load_into`.
+        strict, classifiers: as in :func:`load_into`.
         settings: model arguments that change what the weights compute (e.g.
             ``{"bga_upsample": "bilinear"}``); where the file is a seg checkpoint whose
             ``config.model`` stored another value, a warning names both.
@@ -294,7 +335,7 @@ def load_weights(
         target = nn.ModuleDict({name: model.get_submodule(name) for name in only})
         state = {key: value for key, value in state.items() if key.split(".", 1)[0] in only}
     try:
-        return load_into(target, state, path, strict=strict)
+        return load_into(target, state, path, strict=strict, classifiers=classifiers)
     except CheckpointError as error:
         source_format = guess_format(state)
         if source_format in ("coincheung", "mmseg"):
