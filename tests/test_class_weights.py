@@ -102,7 +102,9 @@ def test_the_pass_over_the_labels_and_check_dataset_give_the_same_weights(folder
         "class_names": NAMES,
         "id_to_trainid": ID_TO_TRAINID,
     }
-    cfg = OmegaConf.create({"name": "toy", "root": str(folder), "class_names": NAMES})
+    cfg = OmegaConf.create(
+        {"name": "toy", "root": str(folder), "split": "val", "class_names": NAMES}
+    )
     cfg.train, cfg.val = node, node
     text, status = run_check(cfg)
     assert status == 0
