@@ -64,6 +64,14 @@ def test_only_result_neutral_settings_are_ignored() -> None:
     lacking = config()
     del lacking["loss"]["heads"]
     assert config_differences(base, lacking) == ["loss.heads.main.weight"]
+    # A setting added later with a null default (off) is no difference from its absence in a
+    # run started before it existed; a non-null value is.
+    assert (
+        config_differences(base, {**config(), "loss": {**base["loss"], "class_weight": None}}) == []
+    )
+    assert config_differences(
+        base, {**config(), "loss": {**base["loss"], "class_weight": [1]}}
+    ) == ["loss.class_weight"]
     assert {"resume", "loader.num_workers", "trainer.log_interval"} <= set(RESULT_NEUTRAL_KEYS)
 
 

@@ -272,15 +272,12 @@ def config_differences(
 ) -> list[str]:
     """The dotted keys whose values differ between two resolved configs (or that one of
     them lacks), sorted, leaving out ``ignore`` and the keys below them. Both are compared
-    as their commands gave them (:func:`as_commanded`)."""
+    as their commands gave them (:func:`as_commanded`). A key one config lacks and the other
+    sets to null is no difference: settings added to seg later default to null (off), so a
+    run started before one existed still continues under ``resume=auto``."""
     a, b = flatten(as_commanded(stored)), flatten(as_commanded(current))
     keys = sorted(set(a) | set(b))
-    missing = object()
-    return [
-        k
-        for k in keys
-        if not _ignored(k, ignore) and plain(a.get(k, missing)) != plain(b.get(k, missing))
-    ]
+    return [k for k in keys if not _ignored(k, ignore) and plain(a.get(k)) != plain(b.get(k))]
 
 
 def describe_differences(
