@@ -69,8 +69,7 @@ def test_experiment_composes_and_instantiates(name: str) -> None:
     assert sum(p.numel() for p in model.parameters()) > 0
     loss = instantiate(cfg.loss)
     assert isinstance(loss, MultiHeadLoss) and set(loss.losses) == HEADS
-    loss_kind = name.split("_", 1)[1]
-    assert {type(m).__name__ for m in loss.losses.values()} == {LOSS_CLASS[loss_kind]}
+    assert {type(m).__name__ for m in loss.losses.values()} == {LOSS_CLASS[cfg.loss.name]}
     optimizer = instantiate(cfg.optim, model=model)
     scheduler = instantiate(cfg.schedule, optimizer=optimizer)
     assert isinstance(scheduler, WarmupPolyLR) and scheduler.max_iters == cfg.trainer.max_iters

@@ -251,7 +251,7 @@ def test_tensorboard_tags(trained: TrainResult) -> None:
     assert "_hparams_/session_end_info" in hparams  # the run completed
     assert [s.step for s in events.Scalars("overview/mIoU")] == [16, 32]
     best = events.Scalars("val/mIoU_best")[-1].value
-    assert best == pytest.approx(trained.best_miou)
+    assert best == pytest.approx(trained.best_score) and trained.best_metric == "mIoU"
 
 
 def _same_metrics(a: dict[str, Any], b: dict[str, Any]) -> bool:

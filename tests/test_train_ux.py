@@ -426,7 +426,7 @@ def test_run_log_writes_hparams_at_start_and_metrics_at_each_evaluation(tmp_path
     confusion = collector.finish()
     assert confusion.tolist() == [[4, 4, 0], [0, 4, 0], [0, 0, 0]]
     metrics = {"mIoU": 0.5, "mAcc": 0.75, "aAcc": 0.66, "fwIoU": 0.5, "IoU": [0.5, 0.5, 0.0]}
-    log.evaluation(5, metrics, collector.panels, confusion, best_miou=0.5, what="EMA")
+    log.evaluation(5, metrics, collector.panels, confusion, best_score=0.5, what="EMA")
     log.tb.flush()  # not closed: as a run killed here
 
     assert list(tmp_path.glob("events.out.tfevents.*")) and not list(tmp_path.glob("*/"))

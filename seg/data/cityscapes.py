@@ -8,11 +8,14 @@
 Label ids map to the 19 train ids through the 256-entry table of ``seg.data.labels``
 (built from ``cityscapesscripts.helpers.labels``; void ids -> 255). When every image of
 the split has a ``*_labelTrainIds.png`` (made by cityscapesscripts' createTrainIdLabelImgs)
-those are read instead, as they are already train ids.
+those are read instead, as they are already train ids. ``train_id_map`` then maps those
+19 train ids onto another task's (``seg.data.labels.remap_train_ids``), e.g. road vs
+everything else (``configs/experiment/synthcity_road_binary.yaml``).
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 from typing import ClassVar, Literal
 
@@ -22,6 +25,7 @@ from seg.data.labels import (
     CITYSCAPES_PALETTE,
     cityscapes_lookup_table,
     identity_lookup_table,
+    remap_train_ids,
 )
 from seg.errors import ConfigError, DatasetError
 
@@ -44,6 +48,9 @@ class CityscapesDataset(PairedDataset):
         label_type: ``auto`` (labelTrainIds when all present, else labelIds) or a fixed kind.
         strict: raise on the first image without a label (False: collect in ``problems``).
         cache, cache_build: decoded cache folder and whether to build it (``PairedDataset``).
+        train_id_map: ``{Cityscapes train id: this task's train id or 255}`` for all 19
+            ids, or None; with it ``num_classes`` is the new count (``class_names`` and
+            ``palette`` stay Cityscapes': the dataset config names the new classes).
     """
 
     num_classes: ClassVar[int] = len(CITYSCAPES_CLASS_NAMES)
@@ -59,6 +66,7 @@ class CityscapesDataset(PairedDataset):
         strict: bool = True,
         cache: str | Path | None = None,
         cache_build: bool = True,
+        train_id_map: Mapping[int, int] | None = None,
     ) -> None:
         if split not in SPLITS:
             raise ConfigError(f"unknown Cityscapes split {split!r} (expected one of {SPLITS})")
@@ -96,6 +104,8 @@ class CityscapesDataset(PairedDataset):
             if label_type == "labelTrainIds"
             else cityscapes_lookup_table()
         )
+        if train_id_map is not None:
+            lut, self.num_classes = remap_train_ids(lut, train_id_map, len(CITYSCAPES_CLASS_NAMES))
         pairs, problems = [], []
         for image_path, city, base in bases:
             label_path = label_root / city / f"{base}{suffix}"

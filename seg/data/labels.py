@@ -9,7 +9,7 @@ silently mapped to ignore.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 from cityscapesscripts.helpers.labels import labels as _cityscapes_labels
@@ -76,3 +76,49 @@ def identity_lookup_table(num_classes: int) -> tuple[np.ndarray, np.ndarray]:
 def cityscapes_lookup_table() -> tuple[np.ndarray, np.ndarray]:
     """``(lut, valid)`` for ``*_gtFine_labelIds.png``: ids 0..33 allowed, void ids -> 255."""
     return build_lookup_table(CITYSCAPES_ID_TO_TRAINID, len(CITYSCAPES_CLASS_NAMES))
+
+
+def remap_train_ids(
+    lut: np.ndarray, train_id_map: Mapping[int, int] | Sequence[int], source_classes: int
+) -> tuple[np.ndarray, int]:
+    """Compose a lookup table with a train-id remap: ``(new lut, new class count)``.
+
+    ``train_id_map`` gives every train id ``0..source_classes-1`` of ``lut`` a train id of
+    the new task (or 255, ignore): a list whose i-th value is the new id of train id i
+    (``[0, 1, 1, ..., 1]``: road vs everything else), or a mapping ``{0: 0, 1: 1, ...}``.
+    Every source id must be given (nothing is dropped silently), and the new ids must be
+    ``0..K-1``, each used. Ignored pixels (255) stay ignored.
+
+    Raises:
+        ConfigError: a source id missing or unknown, a new id out of range or unused.
+    """
+    try:
+        pairs = (
+            enumerate(train_id_map)
+            if isinstance(train_id_map, Sequence)
+            else train_id_map.items()
+        )
+        mapping = {int(k): int(v) for k, v in pairs}
+    except (AttributeError, TypeError, ValueError):
+        raise ConfigError(
+            f"train_id_map must give each train id a train id ([0, 1, 1, ...] or "
+            f"{{0: 0, 1: 1, ...}}), got {train_id_map!r}"
+        ) from None
+    sources = set(range(source_classes))
+    if set(mapping) != sources or len(mapping) != len(train_id_map):  # "18" and 18: twice
+        missing, unknown = sorted(sources - set(mapping)), sorted(set(mapping) - sources)
+        raise ConfigError(
+            f"train_id_map must give each train id 0..{source_classes - 1} once "
+            f"(missing {missing}, unknown {unknown}, {len(train_id_map)} given)"
+        )
+    targets = {v for v in mapping.values() if v != IGNORE_INDEX}
+    count = len(targets)
+    if count == 0 or targets != set(range(count)):
+        raise ConfigError(
+            f"train_id_map must map to train ids 0..K-1, each used, or 255 (ignore); "
+            f"got {sorted(targets)}"
+        )
+    table = np.full(256, IGNORE_INDEX, dtype=np.uint8)
+    for source, target in mapping.items():
+        table[source] = target
+    return table[lut], count

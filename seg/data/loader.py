@@ -14,6 +14,11 @@ re-seed their albumentations pipeline with it per item (``seg.data.transforms``)
 item's augmentation depends neither on which worker loads it nor on what the worker
 loaded before: a resumed run sees bit-identical batches.
 
+Fixed batches (``trainer.overfit_batches=N``). :class:`FixedBatchesSampler` takes the
+first ``N x batch_size`` keys of the rank's stream and yields them again and again. As an
+item's augmentation depends on its key only, every pass gives bit-identical batches: the
+augmentation is drawn once and then frozen.
+
 Errors. A ``SegError`` met while loading an item (a corrupt image, a label with unknown
 values) reaches the caller as itself, one line naming the file, whether the item was loaded
 in the main process or in a worker: PyTorch would re-raise a worker's exception with the
@@ -24,6 +29,7 @@ its error in the main process (and write it to ``train.log`` during a run).
 
 from __future__ import annotations
 
+import itertools
 import random
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -88,6 +94,41 @@ class InfiniteSampler(Sampler):
                 yield int(order[position]), sample_seed(self.seed, global_position)
             offset = 0
             pass_index += 1
+
+
+class FixedBatchesSampler(Sampler):
+    """The first ``count`` keys of ``stream`` (an :class:`InfiniteSampler` starting at 0),
+    over and over (``endless``), or once.
+
+    Args:
+        stream: the rank's training stream; its first ``count`` ``(index, sample_seed)``
+            keys are kept, so that each pass yields the same items, augmented alike.
+        count: keys kept (``N`` batches x the per-rank batch size).
+        start: keys of the endless stream to skip (a resumed run: ``start_iter x batch``).
+        endless: False yields the keys once (the evaluation of these batches).
+    """
+
+    def __init__(
+        self, stream: InfiniteSampler, count: int, start: int = 0, endless: bool = True
+    ) -> None:
+        if count < 1 or start < 0:
+            raise ConfigError(f"fixed batches need count >= 1 and start >= 0, got {count}, {start}")
+        self.keys = list(itertools.islice(iter(stream), count))
+        self.start, self.endless = start, endless
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        if not self.endless:
+            yield from self.keys
+            return
+        offset = self.start % len(self.keys)
+        while True:
+            yield from self.keys[offset:]
+            offset = 0
+
+    def __len__(self) -> int:
+        if self.endless:
+            raise TypeError("an endless FixedBatchesSampler has no length")
+        return len(self.keys)
 
 
 class ShardedEvalSampler(Sampler):
@@ -195,6 +236,7 @@ def build_train_loader(
     world_size: int = 1,
     start_iter: int = 0,
     pin_memory: bool = False,
+    fixed_batches: int = 0,
 ) -> DataLoader:
     """Endless training loader over ``dataset`` (batches of ``batch_size`` per rank).
 
@@ -204,13 +246,19 @@ def build_train_loader(
     ``pin_memory``: True for a run on CUDA (page-locked batches copy to the GPU without
     waiting); callers decide from their device, as a CPU run on a GPU machine must not
     pin. A ``SegError`` raised by an item is raised by ``next(it)``, as itself, from
-    workers too.
+    workers too. ``fixed_batches=N`` (> 0): the same first N batches over and over
+    (:class:`FixedBatchesSampler`).
     """
     if batch_size < 1:
         raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
-    sampler = InfiniteSampler(
+    sampler: Sampler = InfiniteSampler(
         len(dataset), seed=seed, rank=rank, world_size=world_size, start=start_iter * batch_size
     )
+    if fixed_batches > 0:
+        stream = InfiniteSampler(len(dataset), seed=seed, rank=rank, world_size=world_size)
+        sampler = FixedBatchesSampler(
+            stream, fixed_batches * batch_size, start=start_iter * batch_size
+        )
     return SegDataLoader(
         OneLineErrors(dataset),
         batch_size=batch_size,
@@ -242,4 +290,31 @@ def build_eval_loader(
         collate_fn=collate_or_failure,
         drop_last=False,
         **_loader_kwargs(num_workers, pin_memory, rank),
+    )
+
+
+def build_fixed_batches_loader(
+    dataset: Dataset,
+    batch_size: int,
+    num_batches: int,
+    seed: int,
+    rank: int = 0,
+    world_size: int = 1,
+    pin_memory: bool = False,
+) -> DataLoader:
+    """The ``num_batches`` batches of ``build_train_loader(..., fixed_batches=num_batches)``,
+    once, item for item as training sees them (same keys, same augmentation): what
+    ``trainer.overfit_batches`` evaluates. Loaded in the main process (a few batches)."""
+    if batch_size < 1 or num_batches < 1:
+        raise ConfigError(
+            f"batch_size and num_batches must be >= 1, got {batch_size}, {num_batches}"
+        )
+    stream = InfiniteSampler(len(dataset), seed=seed, rank=rank, world_size=world_size)
+    return SegDataLoader(
+        OneLineErrors(dataset),
+        batch_size=batch_size,
+        sampler=FixedBatchesSampler(stream, num_batches * batch_size, endless=False),
+        collate_fn=collate_or_failure,
+        drop_last=False,
+        **_loader_kwargs(0, pin_memory, seed * 1000 + rank),
     )

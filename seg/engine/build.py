@@ -21,10 +21,16 @@ from torch.utils.data import DataLoader, Dataset
 
 from seg import dist
 from seg.data.build import build_dataset
-from seg.data.loader import build_eval_loader, build_train_loader
+from seg.data.loader import build_eval_loader, build_fixed_batches_loader, build_train_loader
 from seg.engine.amp import AmpSettings, build_grad_scaler, resolve_amp
 from seg.engine.dataset_paths import dataset_templates
 from seg.engine.ema import EmaSettings, ModelEma
+from seg.engine.selection import (
+    BestMetric,
+    EarlyStopSettings,
+    early_stop_settings,
+    parse_best_metric,
+)
 from seg.engine.step import TrainStep
 from seg.errors import ConfigError
 from seg.instantiate import build
@@ -64,6 +70,9 @@ class TrainSettings:
     accumulate: int = 1
     keep_snapshots: int = 0
     ema: EmaSettings | None = None
+    best_metric: BestMetric = field(default_factory=BestMetric)
+    early_stop: EarlyStopSettings | None = None
+    overfit_batches: int = 0
 
     @property
     def global_batch(self) -> int:
@@ -173,6 +182,13 @@ def parse_settings(cfg: DictConfig) -> TrainSettings:
             trainer.get("keep_snapshots", 0), "trainer.keep_snapshots", minimum=0
         ),
         ema=ema_settings(trainer.get("ema")),
+        best_metric=parse_best_metric(
+            trainer.get("best_metric", "mIoU"), (cfg.get("dataset") or {}).get("class_names") or []
+        ),
+        early_stop=early_stop_settings(trainer.get("early_stop")),
+        overfit_batches=int_setting(
+            trainer.get("overfit_batches", 0), "trainer.overfit_batches", minimum=0
+        ),
     )
 
 
@@ -223,6 +239,9 @@ def hyper_parameters(cfg: DictConfig, settings: TrainSettings) -> dict[str, Any]
         "amp": settings.amp.name,
         "seed": settings.seed,
         "world_size": settings.world_size,
+        "best_metric": settings.best_metric.name,
+        "early_stop_patience": settings.early_stop.patience if settings.early_stop else 0,
+        "overfit_batches": settings.overfit_batches or None,  # shown only when on
     }
 
 
@@ -333,15 +352,36 @@ def build_parts(
         world_size=settings.world_size,
         start_iter=start_iter * settings.accumulate,
         pin_memory=device.type == "cuda",
+        fixed_batches=settings.overfit_batches,
     )
-    val_loader = build_eval_loader(
-        val_set,
-        batch_size=int(getattr(evaluator, "batch_size", 1)),
-        num_workers=settings.num_workers,
-        rank=settings.rank,
-        world_size=settings.world_size,
-        pin_memory=device.type == "cuda",
-    )
+    if settings.overfit_batches:  # evaluations score the fixed training batches themselves
+        val_loader = build_fixed_batches_loader(
+            train_set,
+            batch_size=settings.batch_per_rank,
+            num_batches=settings.overfit_batches,
+            seed=settings.seed,
+            rank=settings.rank,
+            world_size=settings.world_size,
+            pin_memory=device.type == "cuda",
+        )
+        logger.info(
+            "trainer.overfit_batches=%d: training on the same %d batch(es) of %d image(s) "
+            "over and over (augmentation drawn once); evaluations score these batches, not "
+            "the %s split",
+            settings.overfit_batches,
+            settings.overfit_batches,
+            settings.batch_per_rank * settings.world_size,
+            cfg.dataset.get("split", "val"),
+        )
+    else:
+        val_loader = build_eval_loader(
+            val_set,
+            batch_size=int(getattr(evaluator, "batch_size", 1)),
+            num_workers=settings.num_workers,
+            rank=settings.rank,
+            world_size=settings.world_size,
+            pin_memory=device.type == "cuda",
+        )
     if settings.accumulate > 1:
         logger.info(
             "gradient accumulation: %d micro-batches of %d image(s) per process per optimizer "

@@ -15,15 +15,19 @@ come first, in three cards:
   into ``<run>/heads/<head>`` (runs ``<run>/heads/main``, ``.../aux2``, ...);
 - ``train`` (open): ``train/lr``, ``train/nonfinite_steps``, ``train/speed/images_per_s``
   and the loss statistics ``train/stats/<head>/<stat>`` (e.g. OHEM's ``kept_fraction``);
-- ``val`` (closed): ``val/mIoU_best`` (best so far) and the images ``val/sample_<i>``:
+- ``val`` (closed): ``val/<metric>_best``, the best so far of ``trainer.best_metric``
+  (``val/mIoU_best`` by default, ``val/IoU/road_best`` for ``IoU/road``), ``val/collapsed``
+  (1 when the evaluation's predictions collapsed to one class, ``seg.engine.collapse``, with
+  the reason as the text ``val/collapse``; 0 otherwise) and the images ``val/sample_<i>``:
   input | ground truth | prediction, in the dataset's colours;
 - ``val_detail`` (closed): ``val_detail/mAcc``, ``val_detail/aAcc``, ``val_detail/fwIoU``,
   the per-class IoU ``val_detail/IoU/<class>`` and the image
   ``val_detail/confusion_matrix`` (rows: ground truth, normalised; IoU per class).
 
 The HPARAMS tab lists the run's hyper-parameters (written when the run starts) with
-metrics read from the scalars above (``overview/mIoU``, ``val/mIoU_best``,
-``overview/loss``...), so they follow each evaluation and an interrupted run has them too.
+metrics read from the scalars above (``overview/mIoU``, ``val/<metric>_best``,
+``overview/loss``...), so they follow each evaluation and an interrupted run has them too;
+the best metric's name is an hyper-parameter (``best_metric``) and names its column.
 The TEXT tab holds the composed config (``config``).
 """
 
@@ -173,16 +177,19 @@ class TensorBoardLog:
         metrics: Mapping[str, Any],
         class_names: Sequence[str],
         step: int,
-        best_miou: float | None = None,
+        best_score: float | None = None,
+        best_tag: str | None = None,
     ) -> None:
-        """``overview/mIoU``, ``val/mIoU_best``, ``val_detail/<metric>`` and the per-class IoU
-        ``val_detail/IoU/<class>`` (NaN IoUs, classes never seen, are left out)."""
+        """``overview/mIoU``, the best score so far as ``best_tag`` (default
+        ``val/mIoU_best``), ``val_detail/<metric>``
+        and the per-class IoU ``val_detail/IoU/<class>`` (NaN IoUs, classes never seen, are
+        left out)."""
         if self.writer is None:
             return
         if "mIoU" in metrics:
             self.writer.add_scalar(MIOU_TAG, float(metrics["mIoU"]), step)
-        if best_miou is not None and math.isfinite(best_miou):
-            self.writer.add_scalar(BEST_MIOU_TAG, best_miou, step)
+        if best_score is not None and math.isfinite(best_score):
+            self.writer.add_scalar(best_tag or BEST_MIOU_TAG, best_score, step)
         for key in ("mAcc", "aAcc", "fwIoU"):
             if key in metrics:
                 self.writer.add_scalar(f"val_detail/{key}", float(metrics[key]), step)
@@ -199,8 +206,9 @@ class TensorBoardLog:
         if self.writer is not None:
             self.writer.add_text(tag, markdown, step)
 
-    def session_start(self, params: Mapping[str, Any]) -> None:
-        """The HPARAMS tab's entry for this run: ``params`` and the metric tags it shows.
+    def session_start(self, params: Mapping[str, Any], best_metric: str = "mIoU") -> None:
+        """The HPARAMS tab's entry for this run: ``params`` and the metric tags it shows
+        (:func:`hparam_metrics`; ``best_metric`` names the best-so-far column).
 
         The tab reads each metric's latest value from the run's scalars, so nothing is
         written for the metrics here and they follow every evaluation.
@@ -214,8 +222,9 @@ class TensorBoardLog:
             for k, v in params.items()
             if v is not None
         }
-        experiment, start, _ = hparams(clean, dict.fromkeys(HPARAM_METRICS, 0.0))
-        self.writer.file_writer.add_summary(_flag_headline(experiment))
+        metrics = hparam_metrics(best_metric)
+        experiment, start, _ = hparams(clean, dict.fromkeys(metrics, 0.0))
+        self.writer.file_writer.add_summary(_flag_headline(experiment, metrics))
         self.writer.file_writer.add_summary(start)
         self.writer.flush()
 
@@ -248,24 +257,40 @@ MIOU_TAG = "overview/mIoU"
 HEAD_LOSS_TAG = "overview/per_head_loss"
 HEADS_DIR = "heads"  # <run>/heads/<head>: one sub-run per head for HEAD_LOSS_TAG
 BEST_MIOU_TAG = "val/mIoU_best"
-#: Metrics beside the hyper-parameters in the HPARAMS tab (latest value of each scalar).
+#: 1 when an evaluation's predictions collapsed to one class, else 0; the reason as text.
+COLLAPSED_TAG = "val/collapsed"
+COLLAPSE_TEXT_TAG = "val/collapse"
+#: Metrics beside the hyper-parameters in the HPARAMS tab (latest value of each scalar),
+#: with the default trainer.best_metric (mIoU); :func:`hparam_metrics` for another.
 HPARAM_METRICS = (MIOU_TAG, BEST_MIOU_TAG, "val_detail/mAcc", "val_detail/aAcc", LOSS_TAG)
 METRIC_NAMES = {
     MIOU_TAG: "mIoU (last eval)",
-    BEST_MIOU_TAG: "best mIoU",
     "val_detail/mAcc": "mAcc (last eval)",
     "val_detail/aAcc": "aAcc (last eval)",
     LOSS_TAG: "train loss (last)",
 }
 
 
+def best_tag(best_metric: str) -> str:
+    """The best-so-far scalar of ``trainer.best_metric``: ``val/mIoU_best``, ``val/IoU/road_best``."""
+    return f"val/{best_metric}_best"
+
+
+def hparam_metrics(best_metric: str = "mIoU") -> dict[str, str]:
+    """The HPARAMS tab's metrics, tag -> column name, the best-so-far one of
+    ``best_metric`` second (``val/IoU/road_best``: "best IoU/road")."""
+    names = {MIOU_TAG: METRIC_NAMES[MIOU_TAG], best_tag(best_metric): f"best {best_metric}"}
+    return {**names, **{tag: METRIC_NAMES[tag] for tag in HPARAM_METRICS[2:]}}
+
+
 #: Hyper-parameters the HPARAMS tab shows before the others (it shows five at first).
 HEADLINE_HPARAMS = ("experiment", "loss", "lr", "batch_size", "seed")
 
 
-def _flag_headline(experiment: Any) -> Any:
+def _flag_headline(experiment: Any, metric_names: Mapping[str, str]) -> Any:
     """Mark :data:`HEADLINE_HPARAMS` in torch's experiment summary so that TensorBoard lists
-    them first (it sorts by the ``differs`` flag, then by name), and name the metrics."""
+    them first (it sorts by the ``differs`` flag, then by name), and name the metrics
+    (``metric_names``: tag -> column name)."""
     from tensorboard.plugins.hparams.plugin_data_pb2 import HParamsPluginData
 
     metadata = experiment.value[0].metadata.plugin_data
@@ -273,7 +298,7 @@ def _flag_headline(experiment: Any) -> Any:
     for info in data.experiment.hparam_infos:
         info.differs = info.name in HEADLINE_HPARAMS
     for info in data.experiment.metric_infos:
-        info.display_name = METRIC_NAMES.get(info.name.tag, info.name.tag)
+        info.display_name = metric_names.get(info.name.tag, info.name.tag)
     metadata.content = data.SerializeToString()
     return experiment
 
@@ -342,6 +367,7 @@ class RunLog:
         class_names, palette: per-class IoU tags, confusion matrix and coloured panels.
         hparams: the flat summary for TensorBoard's HPARAMS tab (written at once).
         is_main: rank 0.
+        best_metric: ``trainer.best_metric``, which names the best-so-far scalar.
     """
 
     def __init__(
@@ -355,12 +381,14 @@ class RunLog:
         palette: Sequence[Sequence[int]],
         hparams: Mapping[str, Any],
         is_main: bool,
+        best_metric: str = "mIoU",
     ) -> None:
         self.max_iters, self.global_batch = max_iters, global_batch
         self.class_names, self.palette = list(class_names), [list(c) for c in palette]
         self.hparams, self.is_main = dict(hparams), is_main
+        self.best_metric = best_metric
         self.tb = TensorBoardLog(run_dir if is_main else None)
-        self.tb.session_start(self.hparams)
+        self.tb.session_start(self.hparams, best_metric)
         self.bar = progress_bar(max_iters, start, is_main)
         self.restart_clock(start)
 
@@ -440,11 +468,18 @@ class RunLog:
         metrics: Mapping[str, Any],
         panels: Sequence[np.ndarray],
         confusion: torch.Tensor | None = None,
-        best_miou: float | None = None,
+        best_score: float | None = None,
         what: str = "model",
+        collapse: str | None = None,
     ) -> None:
-        """Scalars, per-class IoU, panels, the confusion matrix, and the log line."""
-        self.tb.evaluation(metrics, self.class_names, iteration, best_miou)
+        """Scalars, per-class IoU, panels, the confusion matrix, and the log line; with
+        ``collapse`` (``seg.engine.collapse.collapse_message``) one warning line more."""
+        self.tb.evaluation(
+            metrics, self.class_names, iteration, best_score, best_tag(self.best_metric)
+        )
+        self.tb.scalars({COLLAPSED_TAG: float(collapse is not None)}, iteration)
+        if collapse is not None:
+            self.tb.text(COLLAPSE_TEXT_TAG, collapse, iteration)
         for index, panel in enumerate(panels):
             self.tb.image(f"val/sample_{index}", panel, iteration)
         if confusion is not None and self.tb.writer is not None:
@@ -462,6 +497,10 @@ class RunLog:
             100 * float(metrics["mAcc"]),
             100 * float(metrics["aAcc"]),
         )
+        if collapse is not None:
+            logger.warning(
+                "eval at iter %d: %s (docs/few_classes.md: what to try)", iteration, collapse
+            )
 
     def close(self, completed: bool) -> None:
         """Close the bar and TensorBoard; a ``completed`` run is marked so in HPARAMS."""

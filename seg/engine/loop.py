@@ -5,15 +5,22 @@ optimizer step over ``trainer.accumulate`` micro-batches. The only host-device s
 at the log interval (reading the running sums), at evaluations and checkpoints.
 
 Checkpoints: ``checkpoints/last.pt`` every ``ckpt_interval`` iterations and at the end,
-``best.pt`` when an evaluation's mIoU beats the best so far, and with
+``best.pt`` when an evaluation's ``trainer.best_metric`` (mIoU by default) beats the best so
+far, and with
 ``trainer.keep_snapshots=N`` the last N iteration snapshots ``iter_<iteration>.pt``
 (written at the ``last.pt`` times; an older one is deleted only once the new one is
 complete on disk).
+
+Early stopping (``trainer.early_stop``, ``seg.engine.selection``): after an evaluation that
+leaves ``patience`` evaluations in a row without an improvement of more than ``min_delta``,
+the run writes ``last.pt``, says why in one line and ends (exit status 0). Each evaluation
+also checks whether the predictions collapsed to one class (``seg.engine.collapse``).
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import re
 from collections.abc import Mapping
 from pathlib import Path
@@ -24,8 +31,10 @@ import torch.distributed
 
 from seg import dist
 from seg.checkpoint import save_checkpoint
-from seg.engine.build import TrainParts
+from seg.engine.build import TrainParts, TrainSettings
+from seg.engine.collapse import collapse_message
 from seg.engine.logging import RunLog
+from seg.engine.selection import stalled
 from seg.engine.state import TrainState, checkpoint_payload, plain, restore_rng_state
 from seg.engine.step import RunningStats
 from seg.errors import CheckpointError, SegError, log_to_files
@@ -51,7 +60,8 @@ def fit(
 
     ``rng``: the RNG states of the checkpoint being resumed (applied once the data
     iterator exists, as in an uninterrupted run). SIGINT/SIGTERM stop after the current
-    step with ``last.pt`` saved and ``state.stopped_by`` set.
+    step with ``last.pt`` saved and ``state.stopped_by`` set; early stopping ends the run
+    after an evaluation, with ``last.pt`` saved and ``state.stopped_early`` set.
 
     Raises:
         NonFiniteLossError: ``trainer.max_nonfinite_steps`` non-finite losses in a row
@@ -89,11 +99,17 @@ def fit(
                     f"(trainer.max_nonfinite_steps={s.max_nonfinite_steps}); stopped "
                     f"at iteration {it}; the weights of the last finite step are in {path}"
                 )
+            stop_early = False
             if it % s.eval_interval == 0 or final:
                 evaluate(parts, state, stats, run_dir, log)
-            if it % s.ckpt_interval == 0 or final:
+                stop_early = not final and stalled(state.evals_since_improvement, s.early_stop)
+            if it % s.ckpt_interval == 0 or final or stop_early:
                 save(parts, state, stats, run_dir, "last.pt", snapshot=True)
                 log.restart_clock(it)
+            if stop_early:  # every rank decides alike: the metrics are all-reduced
+                state.stopped_early = True
+                logger.info("%s", early_stop_line(state, s))
+                break
             if stop.agreed(log_now, s.device) and not final:
                 path = save(parts, state, stats, run_dir, "last.pt")
                 state.stopped_by = stop.reason
@@ -107,8 +123,9 @@ def fit(
 def evaluate(
     parts: TrainParts, state: TrainState, stats: RunningStats, run_dir: Path, log: RunLog
 ) -> None:
-    """Evaluate on the val split (the EMA weights when ``trainer.ema`` is on), report, and
-    keep ``best.pt`` when the mIoU improved."""
+    """Evaluate on the val split (the EMA weights when ``trainer.ema`` is on), report (a
+    collapse to one class too), count the score for early stopping, and keep ``best.pt``
+    when ``trainer.best_metric`` improved."""
     model = parts.eval_model
     what = "EMA" if model is not parts.model else "model"
     if dist.is_distributed():
@@ -125,16 +142,46 @@ def evaluate(
     confusion = collector.finish()
     parts.model.train()
     state.metrics = plain(metrics)
-    improved = state.improved(float(metrics["mIoU"]))
+    s = parts.settings
+    min_delta = s.early_stop.min_delta if s.early_stop is not None else 0.0
+    improved = state.record(s.best_metric.value(metrics), min_delta)
     log.evaluation(
-        state.iteration, metrics, collector.panels, confusion, state.best_miou, what=what
+        state.iteration,
+        metrics,
+        collector.panels,
+        confusion,
+        state.best_score,
+        what=what,
+        collapse=collapse_message(confusion, parts.class_names),
     )
     if improved:
         path = save(parts, state, stats, run_dir, "best.pt")
         logger.info(
-            "new best mIoU %.2f at iter %d -> %s", 100 * state.best_miou, state.iteration, path
+            "new best %s %.2f at iter %d -> %s",
+            state.best_metric,
+            100 * state.best_score,
+            state.iteration,
+            path,
         )
     log.restart_clock(state.iteration)
+
+
+def early_stop_line(state: TrainState, settings: TrainSettings) -> str:
+    """The one line that says why early stopping ended the run."""
+    early = settings.early_stop
+    assert early is not None  # only called when early stopping is on
+    best = (
+        f"best {state.best_metric} {100 * state.best_score:.2f} at iteration "
+        f"{state.best_iteration} (best.pt)"
+        if math.isfinite(state.best_score)
+        else f"no evaluation had a defined {state.best_metric}"
+    )
+    return (
+        f"early stop at iteration {state.iteration}: {state.best_metric} has not improved by "
+        f"more than trainer.early_stop.min_delta={early.min_delta:g} for "
+        f"{state.evals_since_improvement} evaluations (patience={early.patience}); {best}; "
+        "last.pt saved"
+    )
 
 
 def save(

@@ -3,7 +3,8 @@
 A checkpoint (contract in docs/architecture.md) is the states of the model, optimizer,
 LR schedule, GradScaler and loss (GHM-C's moving bin counts; empty for the other losses),
 the EMA of the weights when ``trainer.ema`` is on (``"ema"``), the :class:`TrainState`
-(iteration, metrics, best mIoU, skip counts), the global RNG states and the resolved config. Only tensors and plain containers
+(iteration, metrics, the best score of ``trainer.best_metric`` and the early-stopping count,
+skip counts), the global RNG states and the resolved config. Only tensors and plain containers
 go in, so that ``torch.load(weights_only=True)`` reads it back (``seg.checkpoint``).
 
 Resuming (``resume=...``, :func:`resolve_resume`):
@@ -44,27 +45,60 @@ class TrainState:
     Attributes:
         iteration: steps taken.
         metrics: the last evaluation (plain floats and lists, fractions in [0, 1]).
-        best_miou, best_iteration: the best val mIoU so far and where (``-inf``/-1: none).
+        best_metric: what ``best_score`` measures (``trainer.best_metric``,
+            ``seg.engine.selection``): ``mIoU``, ``mAcc``, ``aAcc``, ``fwIoU`` or ``IoU/<class>``.
+        best_score, best_iteration: the best value of ``best_metric`` so far and where
+            (``-inf``/-1: none); ``best.pt`` holds the weights that scored it.
+        stall_reference, evals_since_improvement: early stopping (``trainer.early_stop``):
+            the score at the last evaluation that improved by more than ``min_delta``, and
+            the evaluations since then (counted whether early stopping is on or not).
         nonfinite_steps, nonfinite_streak: skipped steps in total and the current run of
             consecutive ones, as of the last checkpoint (the loop keeps the live counts).
         stopped_by: the name of the signal that stopped the run (``"SIGINT"``,
             ``"SIGTERM"``, ``"SIGUSR1"``, ``"SIGUSR2"``; ``seg.signals``), or None.
+        stopped_early: early stopping ended the run before ``trainer.max_iters``.
     """
 
     iteration: int = 0
     metrics: dict[str, Any] = field(default_factory=dict)
-    best_miou: float = -math.inf
+    best_metric: str = "mIoU"
+    best_score: float = -math.inf
     best_iteration: int = -1
+    stall_reference: float = -math.inf
+    evals_since_improvement: int = 0
     nonfinite_steps: int = 0
     nonfinite_streak: int = 0
     stopped_by: str | None = None
+    stopped_early: bool = False
 
-    def improved(self, miou: float) -> bool:
-        """True (and recorded) when ``miou`` beats the best so far."""
-        if math.isnan(miou) or miou <= self.best_miou:
+    def record(self, score: float, min_delta: float = 0.0) -> bool:
+        """Count one evaluation's ``score``; True (and recorded) when it beats the best so far.
+
+        For early stopping, ``score`` is an improvement when it beats ``stall_reference``
+        by more than ``min_delta`` (the reference then moves to it and the count restarts);
+        otherwise the count grows. NaN (an undefined score) is never an improvement.
+        """
+        if not math.isnan(score) and score > self.stall_reference + min_delta:
+            self.stall_reference, self.evals_since_improvement = score, 0
+        else:
+            self.evals_since_improvement += 1
+        if math.isnan(score) or score <= self.best_score:
             return False
-        self.best_miou, self.best_iteration = miou, self.iteration
+        self.best_score, self.best_iteration = score, self.iteration
         return True
+
+    def use_metric(self, name: str) -> bool:
+        """Judge by ``name`` from now on; a change forgets the best score and the
+        early-stopping count (another metric's values are no reference). True if changed."""
+        if name == self.best_metric:
+            return False
+        self.best_metric, self.best_score, self.best_iteration = name, -math.inf, -1
+        self.stall_reference, self.evals_since_improvement = -math.inf, 0
+        return True
+
+
+def _finite_or_none(value: float) -> float | None:
+    return value if math.isfinite(value) else None
 
 
 def checkpoint_payload(
@@ -88,12 +122,19 @@ def checkpoint_payload(
         "config": dict(config),
         "metrics": {
             "val": plain(state.metrics),
-            "best_mIoU": state.best_miou if state.best_miou > -math.inf else None,
+            "best_metric": state.best_metric,
+            "best_score": _finite_or_none(state.best_score),
             "best_iteration": state.best_iteration,
+            "early_stop": {
+                "reference": _finite_or_none(state.stall_reference),
+                "evals_since_improvement": state.evals_since_improvement,
+            },
             "nonfinite_steps": state.nonfinite_steps,
             "nonfinite_streak": state.nonfinite_streak,
         },
     }
+    if state.best_metric == "mIoU":  # the key of checkpoints before trainer.best_metric
+        payload["metrics"]["best_mIoU"] = payload["metrics"]["best_score"]
     if step.ema is not None:
         payload["ema"] = step.ema.state_dict()
     if dataset_templates is not None:
@@ -135,14 +176,23 @@ def restore(
 
 
 def progress_of(checkpoint: Mapping[str, Any]) -> TrainState:
-    """The :class:`TrainState` stored in a checkpoint (no states are loaded)."""
+    """The :class:`TrainState` stored in a checkpoint (no states are loaded).
+
+    Checkpoints from before ``trainer.best_metric`` hold ``best_mIoU`` only: their best
+    score is that mIoU, the early-stopping reference is it too and the count starts at 0.
+    """
     metrics = checkpoint.get("metrics") or {}
-    best = metrics.get("best_mIoU")
+    best = metrics.get("best_score", metrics.get("best_mIoU"))
+    stall = metrics.get("early_stop") or {}
+    reference = stall.get("reference", best)
     return TrainState(
         iteration=int(checkpoint["iteration"]),
         metrics=dict(metrics.get("val") or {}),
-        best_miou=float(best) if best is not None else -math.inf,
+        best_metric=str(metrics.get("best_metric", "mIoU")),
+        best_score=float(best) if best is not None else -math.inf,
         best_iteration=int(metrics.get("best_iteration", -1)),
+        stall_reference=float(reference) if reference is not None else -math.inf,
+        evals_since_improvement=int(stall.get("evals_since_improvement", 0)),
         nonfinite_steps=int(metrics.get("nonfinite_steps", 0)),
         nonfinite_streak=int(metrics.get("nonfinite_streak", 0)),
     )
@@ -206,6 +256,10 @@ def restore_rng_state(state: Mapping[str, Any]) -> None:
 #: (tests/test_data_cache.py); ``dataset.check_splits`` and ``dataset.missing_hint`` are read
 #: by tools/check_dataset.py and error messages only. Everything else, ``trainer.max_iters``
 #: included, must match.
+#: Not neutral, by decision: ``trainer.best_metric`` (it decides which weights ``best.pt``
+#: holds) and ``trainer.early_stop.*`` (patience and min_delta decide the iteration a run
+#: ends at, hence its ``last.pt``): changing them on resume is ``resume=PATH``, which names
+#: the change, e.g. a run that stopped early continued with a larger patience.
 RESULT_NEUTRAL_KEYS: tuple[str, ...] = (
     "resume",
     "trainer.log_interval",
@@ -249,6 +303,17 @@ def as_commanded(config: Mapping[str, Any]) -> dict[str, Any]:
     return put_back({k: v for k, v in config.items() if k != RESOLVED_FROM}, record)
 
 
+#: Settings added after checkpoints had been written, with the value that keeps what those
+#: runs did: a stored config without the key reads as having it, so that ``resume=auto``
+#: still continues the runs of older versions.
+ADDED_KEY_DEFAULTS: dict[str, Any] = {
+    "trainer.best_metric": "mIoU",
+    "trainer.early_stop.patience": None,
+    "trainer.early_stop.min_delta": 0.0,
+    "trainer.overfit_batches": 0,
+}
+
+
 def flatten(config: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     """``{"a": {"b": 1}}`` -> ``{"a.b": 1}`` (lists are values; an empty mapping is one)."""
     out: dict[str, Any] = {}
@@ -259,6 +324,14 @@ def flatten(config: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
         else:
             out[name] = value
     return out
+
+
+def _with_added_defaults(config: Mapping[str, Any]) -> dict[str, Any]:
+    """``flatten(config)`` with the :data:`ADDED_KEY_DEFAULTS` it lacks (where it has their
+    section, ``trainer``, at all)."""
+    flat = flatten(config)
+    added = {k: v for k, v in ADDED_KEY_DEFAULTS.items() if k.split(".")[0] in config}
+    return {**added, **flat}
 
 
 def _ignored(key: str, ignore: tuple[str, ...]) -> bool:
@@ -272,10 +345,11 @@ def config_differences(
 ) -> list[str]:
     """The dotted keys whose values differ between two resolved configs (or that one of
     them lacks), sorted, leaving out ``ignore`` and the keys below them. Both are compared
-    as their commands gave them (:func:`as_commanded`). A key one config lacks and the other
-    sets to null is no difference: settings added to seg later default to null (off), so a
-    run started before one existed still continues under ``resume=auto``."""
-    a, b = flatten(as_commanded(stored)), flatten(as_commanded(current))
+    as their commands gave them (:func:`as_commanded`), and a key of
+    :data:`ADDED_KEY_DEFAULTS` that a config lacks reads as its default there. Any other key
+    one config lacks and the other sets to null is no difference either: settings added to
+    seg later default to null (off), so a run started before one existed still continues."""
+    a, b = _with_added_defaults(as_commanded(stored)), _with_added_defaults(as_commanded(current))
     keys = sorted(set(a) | set(b))
     return [k for k in keys if not _ignored(k, ignore) and plain(a.get(k)) != plain(b.get(k))]
 

@@ -43,6 +43,7 @@ from seg.engine.build import (
 from seg.engine.class_weight import class_weight_setting, resolve_class_weight
 from seg.engine.logging import RunLog, run_logging
 from seg.engine.loop import fit
+from seg.engine.selection import stalled
 from seg.engine.state import (
     RESULT_NEUTRAL_KEYS,
     TrainState,
@@ -58,13 +59,19 @@ logger = logging.getLogger("seg.train")
 
 @dataclass
 class TrainResult:
-    """What :func:`run` returns (on every rank): where the run is and how it ended."""
+    """What :func:`run` returns (on every rank): where the run is and how it ended.
+
+    ``best_score`` is the best value of ``best_metric`` (``trainer.best_metric``, mIoU by
+    default); ``stopped_early``: early stopping ended the run before ``trainer.max_iters``
+    (now or, for a run found finished, earlier)."""
 
     run_dir: Path
     iteration: int
     metrics: dict[str, Any] = field(default_factory=dict)
-    best_miou: float = -math.inf
+    best_score: float = -math.inf
     stopped_by: str | None = None  # the stopping signal's name (seg.signals)
+    best_metric: str = "mIoU"
+    stopped_early: bool = False
 
 
 def run(cfg: DictConfig, run_dir: Path | None = None) -> TrainResult:
@@ -111,15 +118,23 @@ def _run(cfg: DictConfig, run_dir: Path | None) -> TrainResult:
                 logger.info(
                     "writing into %s; this command's config is in %s/.hydra", main_dir, own_dir
                 )
-            if int(checkpoint["iteration"]) >= settings.max_iters:
-                state = progress_of(checkpoint)
+            state = progress_of(checkpoint)
+            stopped = state.best_metric == settings.best_metric.name and stalled(
+                state.evals_since_improvement, settings.early_stop
+            )
+            if state.iteration >= settings.max_iters or stopped:
                 logger.info(
-                    "finished earlier: %s is at iteration %d of %d, nothing to train",
+                    "finished earlier: %s is at iteration %d of %d%s, nothing to train",
                     resume_path,
                     state.iteration,
                     settings.max_iters,
+                    f" and {state.best_metric} has not improved for "
+                    f"{state.evals_since_improvement} evaluations (trainer.early_stop: "
+                    "resume=PATH with a larger patience continues it)"
+                    if stopped
+                    else "",
                 )
-                return TrainResult(main_dir, state.iteration, state.metrics, state.best_miou)
+                return _result(main_dir, state, stopped_early=stopped)
         amp = settings.amp
         logger.info(
             "run dir %s | device %s | %s%s | %d process(es) x %d images | %d iterations",
@@ -141,7 +156,7 @@ def _run(cfg: DictConfig, run_dir: Path | None) -> TrainResult:
             cfg, class_weight, checkpoint, datasets[0], dist.is_main(), _broadcast
         )
         parts = build_parts(cfg, settings, datasets, start_iter=start)
-        state, rng = TrainState(), None
+        state, rng = TrainState(best_metric=settings.best_metric.name), None
         if checkpoint is not None:
             state = restore(checkpoint, resume_path, parts.model, parts.step)
             if settings.rank == 0:
@@ -151,14 +166,28 @@ def _run(cfg: DictConfig, run_dir: Path | None) -> TrainResult:
         state = train(parts, main_dir, state, rng)
         if state.stopped_by is None:
             logger.info(
-                "done: %d iterations | mIoU %.2f | best %.2f at iter %d | checkpoints in %s",
+                "done%s: %d iterations | mIoU %.2f | best %s %.2f at iter %d | checkpoints in %s",
+                " (early stop)" if state.stopped_early else "",
                 state.iteration,
                 100 * float(state.metrics.get("mIoU", float("nan"))),
-                100 * state.best_miou,
+                state.best_metric,
+                100 * state.best_score,
                 state.best_iteration,
                 main_dir / "checkpoints",
             )
-    return TrainResult(main_dir, state.iteration, state.metrics, state.best_miou, state.stopped_by)
+    return _result(main_dir, state, state.stopped_early)
+
+
+def _result(run_dir: Path, state: TrainState, stopped_early: bool) -> TrainResult:
+    return TrainResult(
+        run_dir,
+        state.iteration,
+        state.metrics,
+        state.best_score,
+        state.stopped_by,
+        state.best_metric,
+        stopped_early,
+    )
 
 
 def run_tool(cfg: DictConfig) -> int:
@@ -283,8 +312,16 @@ def train(
     a loss or model swapped in ``parts``; call it inside :func:`seg.engine.logging.run_logging`
     for ``train.log``. Under DDP it checks at the end that every rank holds the same weights.
     """
-    state = state if state is not None else TrainState()
     settings = parts.settings
+    state = state if state is not None else TrainState(best_metric=settings.best_metric.name)
+    before = state.best_metric
+    if state.use_metric(settings.best_metric.name) and state.iteration > 0:
+        logger.info(
+            "trainer.best_metric is %s here, %s in the checkpoint: the best score and the "
+            "early-stopping count start afresh (best.pt is replaced at the next evaluation)",
+            state.best_metric,
+            before,
+        )
     log = RunLog(
         run_dir,
         max_iters=settings.max_iters,
@@ -294,11 +331,12 @@ def train(
         palette=parts.palette,
         hparams=parts.hparams,
         is_main=dist.is_main(),
+        best_metric=state.best_metric,
     )
     try:
         state = fit(parts, state, run_dir, log, rng)
     finally:
-        log.close(completed=state.iteration >= settings.max_iters)
+        log.close(completed=state.iteration >= settings.max_iters or state.stopped_early)
     if dist.is_distributed():
         if dist.same_on_all_ranks(parts.model.state_dict().values(), settings.device):
             logger.info("DDP: the weights are identical on all %d ranks", settings.world_size)

@@ -28,7 +28,8 @@ class SynthCityDataset(CityscapesDataset):
         generator: :class:`SynthCityParams` fields (from ``dataset.generator`` in config).
         generate: True generates a missing dataset (training's first use); False (the
             default) raises ``DatasetError`` naming the root and the command that makes it.
-        strict, cache, cache_build: as :class:`~seg.data.cityscapes.CityscapesDataset`.
+        strict, cache, cache_build, train_id_map: as
+            :class:`~seg.data.cityscapes.CityscapesDataset`.
     """
 
     def __init__(
@@ -41,6 +42,7 @@ class SynthCityDataset(CityscapesDataset):
         strict: bool = True,
         cache: str | Path | None = None,
         cache_build: bool = True,
+        train_id_map: Mapping[int, int] | None = None,
     ) -> None:
         params = SynthCityParams.from_mapping(generator)
         self.params = params
@@ -55,6 +57,7 @@ class SynthCityDataset(CityscapesDataset):
             strict=strict,
             cache=cache,
             cache_build=cache_build,
+            train_id_map=train_id_map,
         )
 
 
