@@ -91,9 +91,12 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> TrainResult:
     return run(cfg, run_dir=base / "outputs" / "synthcity_ohem" / "run")
 
 
-def interrupt_with_ctrl_c(args: list[str], cwd: Path, log: Path, after: str) -> tuple[str, int]:
+def interrupt_with_ctrl_c(
+    args: list[str], cwd: Path, log: Path, after: str, signum: int = signal.SIGINT
+) -> tuple[str, int]:
     """Run ``tools/train.py`` and press Ctrl-C (SIGINT to its process group, as a terminal
-    does) once ``log`` holds ``after``; returns the process's output and exit status."""
+    does; ``signum``: another signal to the whole group) once ``log`` holds ``after``;
+    returns the process's output and exit status."""
     process = subprocess.Popen(
         [sys.executable, str(REPO / "tools" / "train.py"), *args],
         cwd=cwd,
@@ -105,7 +108,7 @@ def interrupt_with_ctrl_c(args: list[str], cwd: Path, log: Path, after: str) -> 
     deadline = time.monotonic() + 240
     while time.monotonic() < deadline and process.poll() is None:
         if log.is_file() and after in log.read_text():
-            os.killpg(process.pid, signal.SIGINT)
+            os.killpg(process.pid, signum)
             break
         time.sleep(0.01)
     output, _ = process.communicate(timeout=240)
@@ -199,6 +202,36 @@ def test_ctrl_c_saves_and_resume_is_exact(resumed: dict[str, Any]) -> None:
     log = (resumed["outputs"] / "run_b" / "train.log").read_text()
     assert f"stopped (SIGINT) at iteration {stopped_at}" in log and "resuming from" in log
     assert not (resumed["outputs"] / "run_c" / "train.log").exists()
+
+
+@pytest.mark.slow
+def test_sigterm_to_every_process_saves_last_pt(tmp_path: Path) -> None:
+    """`timeout`, `kill -- -PGID` or a scheduler signal every process of a run at once; the
+    loader workers outlast that SIGTERM, so the main process saves last.pt and exits 143
+    (they used to die at once and take the main process down mid-step, nothing saved)."""
+    run_dir = tmp_path / "outputs" / "run"
+    output, status = interrupt_with_ctrl_c(
+        [
+            *tiny_overrides(tmp_path / "synthcity"),
+            "trainer.max_iters=200",
+            "trainer.eval_interval=1000",
+            "trainer.ckpt_interval=1000",
+            "trainer.log_interval=2",
+            "loader.num_workers=2",
+            f"hydra.run.dir={run_dir}",
+        ],
+        cwd=tmp_path,
+        log=run_dir / "train.log",
+        after="iter 2/200",
+        signum=signal.SIGTERM,
+    )
+    assert status == 143, output[-2000:]
+    assert "Traceback" not in output and "killed by signal" not in output
+    last = load_checkpoint(run_dir / "checkpoints" / "last.pt", required_keys=CHECKPOINT_KEYS)
+    assert 2 <= last["iteration"] < 200
+    assert (
+        f"stopped (SIGTERM) at iteration {last['iteration']}" in (run_dir / "train.log").read_text()
+    )
 
 
 @pytest.mark.slow

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import itertools
 import random
+import signal
 from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import partial
@@ -201,7 +202,8 @@ class SegDataLoader(DataLoader):
 
 
 def seed_worker(worker_id: int, base_seed: int) -> None:
-    """Seed the global RNGs of a loader worker, for any code that uses them.
+    """Set up a loader worker: seed its global RNGs, for any code that uses them, and let it
+    outlast the first SIGTERM (:func:`outlast_first_sigterm`).
 
     (Do not call ``cv2.setNumThreads`` here: in a forked worker whose parent already ran
     OpenCV's thread pool it can block forever.)
@@ -210,6 +212,27 @@ def seed_worker(worker_id: int, base_seed: int) -> None:
     worker_seed = (base_seed + torch.initial_seed()) % 2**32
     random.seed(worker_seed)
     np.random.seed(worker_seed)
+    outlast_first_sigterm()
+
+
+def outlast_first_sigterm() -> None:
+    """In a loader worker: let the first SIGTERM pass, and end on the second.
+
+    A SIGTERM sent to every process of a run at once (``timeout``, ``kill -- -PGID``, a
+    scheduler signalling all processes of a job) killed the workers, and the main process
+    then died inside its step with "DataLoader worker ... is killed by signal", losing
+    everything since its last checkpoint. The main process gets the same signal: it finishes
+    the step, saves ``last.pt`` and shuts its workers down as usual. A second SIGTERM (the
+    loader's own ``terminate`` at shutdown, ``timeout -k``'s or the scheduler's follow-up)
+    ends the worker as before; a worker whose main process is gone exits by itself
+    (PyTorch's watchdog).
+    """
+
+    def first(signum: int, frame: object) -> None:
+        del signum, frame
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+    signal.signal(signal.SIGTERM, first)
 
 
 def _loader_kwargs(num_workers: int, pin_memory: bool, seed: int) -> dict:
