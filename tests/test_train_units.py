@@ -18,7 +18,13 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from seg.engine.amp import build_grad_scaler, resolve_amp
-from seg.engine.build import parse_settings, per_rank_batch, use_channels_last, use_cudnn_benchmark
+from seg.engine.build import (
+    dataset_palette,
+    parse_settings,
+    per_rank_batch,
+    use_channels_last,
+    use_cudnn_benchmark,
+)
 from seg.engine.optim import build_sgd, is_fused, split_decay_params
 from seg.engine.schedule import WarmupPolyLR
 from seg.engine.state import capture_rng_state, find_auto_resume, resolve_resume, restore_rng_state
@@ -403,3 +409,14 @@ def test_poly_after_warmup_starts_the_decay_at_the_end_of_the_warmup() -> None:
     assert sched.lr_at(110, 1.0) == pytest.approx(0.0)
     with pytest.raises(ConfigError, match="poly_after_warmup"):
         WarmupPolyLR(_optimizer(), max_iters=10, warmup_iters=10, poly_after_warmup=True)
+
+
+def test_a_dataset_without_palette_gets_the_generated_one() -> None:
+    """A folder dataset may set palette: null; the val panels then use the colours that eval,
+    predict and export generate (the run used to stop at its first evaluation)."""
+    from seg.visualize import generated_palette, palette_array
+
+    plain = dataset_palette(OmegaConf.create({"num_classes": 3, "palette": None}))
+    assert plain == generated_palette(3) and palette_array(plain).shape == (256, 3)
+    given = OmegaConf.create({"num_classes": 2, "palette": [[1, 2, 3], [4, 5, 6]]})
+    assert dataset_palette(given) == [[1, 2, 3], [4, 5, 6]]

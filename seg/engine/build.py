@@ -35,6 +35,7 @@ from seg.engine.step import TrainStep
 from seg.errors import ConfigError
 from seg.instantiate import build
 from seg.values import bool_setting, int_setting
+from seg.visualize import generated_palette
 
 logger = logging.getLogger("seg.train")
 
@@ -299,6 +300,16 @@ def prepare_model(model: nn.Module, device: torch.device, channels_last: bool) -
     return model
 
 
+def dataset_palette(dataset: DictConfig) -> list[list[int]]:
+    """The colours of the val panels in TensorBoard: ``dataset.palette``, or for a dataset
+    that ships none (``palette: null``, allowed for folder datasets) the generated one that
+    eval, predict and export use too."""
+    palette = dataset.get("palette")
+    if not palette:
+        return generated_palette(int(dataset.num_classes))
+    return [[int(v) for v in colour] for colour in palette]
+
+
 def build_parts(
     cfg: DictConfig,
     settings: TrainSettings,
@@ -417,7 +428,7 @@ def build_parts(
         val_loader=val_loader,
         config=config,
         class_names=[str(n) for n in cfg.dataset.get("class_names") or []],
-        palette=[list(c) for c in cfg.dataset.get("palette") or []],
+        palette=dataset_palette(cfg.dataset),
         hparams=hyper_parameters(cfg, settings),
         dataset_templates=dataset_templates(cfg),
     )
