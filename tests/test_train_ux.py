@@ -306,7 +306,11 @@ def _save_parts(tmp_path: Path, keep: int) -> tuple[SimpleNamespace, TrainState,
     torch.manual_seed(0)
     net = _Net()
     parts = SimpleNamespace(
-        settings=SimpleNamespace(keep_snapshots=keep), model=net, step=_step(net), config={}
+        settings=SimpleNamespace(keep_snapshots=keep),
+        model=net,
+        step=_step(net),
+        config={},
+        dataset_templates={},
     )
     return parts, TrainState(), RunningStats(torch.device("cpu"))
 
