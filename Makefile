@@ -8,8 +8,10 @@ PY := $(VENV)/bin/python
 PYPROJECT_HASH := $(shell $(PYTHON) -c "import hashlib;print(hashlib.sha256(open('pyproject.toml','rb').read()).hexdigest()[:12])")
 STAMP := $(VENV)/.seg-installed-$(PYPROJECT_HASH)
 
-# Demo budget: a short SynthCity run; 300 iterations train in about 3 minutes on 2 CPU cores
-# (docs/benchmarks.md: the trainer's loader and thread defaults are the measured optimum there).
+# Demo budget: a short SynthCity run of 300 iterations. trainer.amp=auto: fp16 on a GPU; on a
+# CPU bf16 where it computes bfloat16 natively (AVX512-BF16, AMX), float32 elsewhere
+# (docs/benchmarks.md: on 2 cores, torch threads and precision decide the speed, loader
+# workers do not).
 DEMO_EXPERIMENT ?= synthcity_ohem
 DEMO_ITERS ?= 300
 DEMO_ARGS ?=
@@ -42,7 +44,7 @@ data: install
 demo: data
 	@set -e; run_dir=outputs/demo/$$(date +%Y-%m-%d_%H-%M-%S); \
 	$(PY) tools/train.py +experiment=$(DEMO_EXPERIMENT) trainer.max_iters=$(DEMO_ITERS) \
-		hydra.run.dir=$$run_dir $(DEMO_ARGS); \
+		trainer.amp=auto hydra.run.dir=$$run_dir $(DEMO_ARGS); \
 	$(PY) tools/eval.py ckpt=$$run_dir/checkpoints/last.pt; \
 	echo; \
 	echo "Run directory : $$run_dir"; \

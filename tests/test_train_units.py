@@ -145,6 +145,21 @@ def test_eager_momentum_buffers_match_torch_sgd(impl: str) -> None:
 
 
 # ------------------------------------------------------------------------------------ amp
+def test_amp_auto_follows_the_device(monkeypatch: pytest.MonkeyPatch) -> None:
+    """auto: fp16 on CUDA; bf16 on a CPU with native bfloat16, float32 on one without."""
+    assert resolve_amp("auto", "cuda").dtype is torch.float16
+    assert resolve_amp("auto", "cuda").use_scaler
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True, raising=False)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False, raising=False)
+    native = resolve_amp("auto", "cpu")
+    assert (native.name, native.use_scaler, native.requested) == ("bf16", False, "auto")
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False, raising=False)
+    assert resolve_amp("auto", "cpu").name == "fp32"
+    monkeypatch.delattr(torch.cpu, "_is_avx512_bf16_supported", raising=False)
+    monkeypatch.delattr(torch.cpu, "_is_amx_tile_supported", raising=False)
+    assert resolve_amp("auto", "cpu").name == "fp32"  # a torch without the probes: float32
+
+
 def test_amp_resolution() -> None:
     cpu16 = resolve_amp("fp16", "cpu")
     assert cpu16.dtype is None and not cpu16.use_scaler and cpu16.name == "fp32"

@@ -1,8 +1,8 @@
 """Mixed precision: the one vocabulary of AMP settings, for training and inference alike.
 
-``trainer.amp``, ``eval.amp`` and the prediction tool's ``amp`` take ``fp16``, ``bf16`` or
-``off`` (YAML reads a bare ``off`` as false, so ``false``/``null`` mean ``off`` too, and
-``true`` means the device's usual half precision: fp16 on CUDA, bf16 elsewhere):
+``trainer.amp``, ``eval.amp`` and the prediction tool's ``amp`` take ``fp16``, ``bf16``,
+``off`` or ``auto`` (YAML reads a bare ``off`` as false, so ``false``/``null`` mean ``off``
+too, and ``true`` means the device's usual half precision: fp16 on CUDA, bf16 elsewhere):
 
 - CUDA + ``fp16``: autocast to float16, and in training a GradScaler (float16 gradients
   underflow without loss scaling).
@@ -11,6 +11,10 @@
   fallback is logged.
 - CPU + ``bf16``: CPU autocast to bfloat16, no scaler.
 - ``off``: float32 everywhere.
+- ``auto``: fp16 on CUDA; on a CPU, bf16 where the CPU computes in bfloat16 natively
+  (AVX512-BF16 or AMX: 1.7-1.9x the float32 training step on such a CPU,
+  docs/benchmarks.md), float32 elsewhere (emulated bfloat16 is slower than float32).
+  ``make demo`` trains with it.
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ from seg.errors import ConfigError
 
 logger = logging.getLogger(__name__)
 
-AMP_CHOICES = ("fp16", "bf16", "off")
+AMP_CHOICES = ("fp16", "bf16", "off", "auto")
 _DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "off": None}
 
 
@@ -69,10 +73,27 @@ def amp_choice(value: Any, device_type: str, key: str) -> str:
     return str(value)
 
 
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU computes in bfloat16 natively (AVX512-BF16 or AMX tiles).
+
+    Read through ``torch.cpu``'s capability probes (private names; a torch without them
+    answers False, which keeps float32)."""
+    probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(bool(getattr(torch.cpu, name, lambda: False)()) for name in probes)
+
+
 def resolve_amp(value: Any, device: torch.device | str, key: str = "trainer.amp") -> AmpSettings:
     """Turn an AMP setting into what applies on ``device``; ``key`` names it in errors."""
     device_type = torch.device(device).type
     choice = amp_choice(value, device_type, key)
+    if choice == "auto":
+        if device_type == "cuda":
+            dtype = torch.float16
+        else:
+            dtype = torch.bfloat16 if cpu_has_native_bf16() else None
+            what = "bf16 (native bfloat16)" if dtype else "float32 (no native bfloat16)"
+            logger.info("%s=auto on this %s: %s", key, device_type, what)
+        return AmpSettings(choice, device_type, dtype, dtype is torch.float16)
     dtype = _DTYPES[choice]
     if choice == "fp16" and device_type != "cuda":
         logger.info("%s=fp16 applies to CUDA only; running on %s in float32", key, device_type)

@@ -136,14 +136,18 @@ def _run(cfg: DictConfig, run_dir: Path | None) -> TrainResult:
                 )
                 return _result(main_dir, state, stopped_early=stopped)
         amp = settings.amp
+        if amp.requested == "auto":
+            precision_note = " (trainer.amp=auto)"
+        elif amp.requested not in (amp.name, "off"):
+            precision_note = f" (trainer.amp={amp.requested} is for CUDA)"
+        else:
+            precision_note = ""
         logger.info(
             "run dir %s | device %s | %s%s | %d process(es) x %d images | %d iterations",
             main_dir,
             settings.device,
             amp.name,
-            f" (trainer.amp={amp.requested} is for CUDA)"
-            if amp.requested != amp.name and amp.requested != "off"
-            else "",
+            precision_note,
             settings.world_size,
             settings.batch_per_rank,
             settings.max_iters,
