@@ -21,6 +21,7 @@ from seg.cli import run_in_process
 from seg.data.annotations import ConversionSettings, Source, convert, convert_annotations
 from seg.data.annotations.coco import rle_string_counts
 from seg.data.annotations.dataset_config import MARKER
+from seg.data.annotations.writer import SplitStats
 from seg.data.build import build_dataset
 from seg.data.check import compose_dataset_config
 from seg.data.check import main as check_main
@@ -154,6 +155,7 @@ def test_labelme_paints_in_file_order_and_opens_as_a_folder_dataset(tmp_path, ca
     search = f"hydra.searchpath=[file://{out}]"
     cfg = compose_dataset_config(["dataset=conv", search])
     assert cfg.dataset.num_classes == 4 and list(cfg.dataset.class_names)[1] == "car"
+    assert list(cfg.dataset.crop_size) == [32, 32]  # from the 24x32 images, not 512x512
     val = build_dataset(cfg.dataset.val)
     assert isinstance(val, FolderDataset) and len(val) == 1
     train = build_dataset(cfg.dataset.train, transform=None)
@@ -161,6 +163,15 @@ def test_labelme_paints_in_file_order_and_opens_as_a_folder_dataset(tmp_path, ca
     assert np.array_equal(sample["label"].numpy(), a)
     assert check_main(["dataset=conv", search]) == 0
     assert "4 bad file" not in capsys.readouterr().out
+
+
+def test_the_default_crop_follows_the_train_images():
+    """Per side the largest multiple of 32 within the median size, at most 512, at least 32."""
+    stats = SplitStats(sizes=[(120, 160), (120, 160), (130, 170)])
+    assert stats.default_crop() == (96, 160)
+    assert SplitStats(sizes=[(1080, 1920)]).default_crop() == (512, 512)
+    assert SplitStats(sizes=[(360, 480), (720, 960), (360, 480)]).default_crop() == (352, 480)
+    assert SplitStats(sizes=[(20, 40)]).default_crop() == (32, 32)
 
 
 def test_labelme_split_is_seeded_and_classes_can_be_given(tmp_path):

@@ -25,12 +25,12 @@ from hydra.errors import HydraException
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
-from seg.tables import markdown_table
-from seg.data.folder import PairedDataset
 from seg.cli import run_in_process
 from seg.data.build import build_dataset
 from seg.data.class_weights import ClassFrequency, weights_report
-from seg.errors import ConfigError, DatasetError, SegError, first_line
+from seg.data.folder import PairedDataset
+from seg.errors import ConfigError, DatasetError, first_line
+from seg.tables import markdown_table
 
 CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
 

@@ -139,7 +139,9 @@ def count_class_frequency(
     with ThreadPoolExecutor(max_workers=workers) as pool:
         counts = pool.map(lambda i: label_train_id_counts(dataset, i), range(len(dataset)))
         disable = None if progress is None else not progress
-        for one in tqdm(counts, total=len(dataset), desc="class weights", unit="label", disable=disable):
+        for one in tqdm(
+            counts, total=len(dataset), desc="class weights", unit="label", disable=disable
+        ):
             frequency.add(one)
     return frequency
 

@@ -62,7 +62,9 @@ class ColorTable:
         for i, row in enumerate(rows):
             values = list(row) if isinstance(row, Sequence) and not isinstance(row, str) else []
             if len(values) != 4 or not all(_is_int(v) for v in values):
-                raise ConfigError(f"{KEY}[{i}] must be [R, G, B, train id] (4 integers), got {row!r}")
+                raise ConfigError(
+                    f"{KEY}[{i}] must be [R, G, B, train id] (4 integers), got {row!r}"
+                )
             r, g, b, train_id = (int(v) for v in values)
             if not all(0 <= c <= 255 for c in (r, g, b)):
                 raise ConfigError(f"{KEY}[{i}] colour {[r, g, b]} has a value outside 0..255")

@@ -94,9 +94,7 @@ def remap_train_ids(
     """
     try:
         pairs = (
-            enumerate(train_id_map)
-            if isinstance(train_id_map, Sequence)
-            else train_id_map.items()
+            enumerate(train_id_map) if isinstance(train_id_map, Sequence) else train_id_map.items()
         )
         mapping = {int(k): int(v) for k, v in pairs}
     except (AttributeError, TypeError, ValueError):

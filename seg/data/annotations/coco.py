@@ -110,7 +110,9 @@ def decode_segmentation(segmentation: Any, height: int, width: int, where: str) 
     elif isinstance(segmentation, dict) and {"counts", "size"} <= set(segmentation):
         size, counts = segmentation["size"], segmentation["counts"]
         if list(size) != [height, width]:
-            raise DatasetError(f"{where}: RLE size {list(size)} differs from the image's [{height}, {width}]")
+            raise DatasetError(
+                f"{where}: RLE size {list(size)} differs from the image's [{height}, {width}]"
+            )
         if isinstance(counts, list):  # uncompressed
             if not all(isinstance(c, int) and not isinstance(c, bool) for c in counts):
                 raise DatasetError(f"{where}: uncompressed RLE counts must be integers")
@@ -183,7 +185,9 @@ def read_coco_file(path: Path, image_dir: Path | None, crowd: str) -> CocoFile:
     if crowd not in CROWD_CHOICES:
         raise ConfigError(f"crowd must be one of {CROWD_CHOICES}, got {crowd!r}")
     if image_dir is None:
-        raise ConfigError(f"format=coco needs images=FOLDER (file_name is relative to it) for {path}")
+        raise ConfigError(
+            f"format=coco needs images=FOLDER (file_name is relative to it) for {path}"
+        )
     if not image_dir.is_dir():
         raise DatasetError(f"image folder not found: {image_dir}")
     try:
@@ -193,7 +197,9 @@ def read_coco_file(path: Path, image_dir: Path | None, crowd: str) -> CocoFile:
     if not isinstance(doc, dict) or not all(
         isinstance(doc.get(k), list) for k in ("images", "annotations", "categories")
     ):
-        raise DatasetError(f"not a COCO file (needs 'images', 'annotations', 'categories' lists): {path}")
+        raise DatasetError(
+            f"not a COCO file (needs 'images', 'annotations', 'categories' lists): {path}"
+        )
 
     names: dict[int, str] = {}
     for entry in doc["categories"]:

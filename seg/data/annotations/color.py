@@ -51,7 +51,9 @@ def read_color_folder(
         DatasetError: a missing folder, an image without a mask, two images of one stem.
     """
     if image_dir is None:
-        raise ConfigError(f"format=color needs images=FOLDER (the images of the masks in {mask_dir})")
+        raise ConfigError(
+            f"format=color needs images=FOLDER (the images of the masks in {mask_dir})"
+        )
     for folder, kind in ((image_dir, "image"), (mask_dir, "mask")):
         if not folder.is_dir():
             raise DatasetError(f"{kind} folder not found: {folder}")

@@ -48,10 +48,7 @@ class ConversionResult:
 
     def next_commands(self) -> list[str]:
         """The commands that check and train on the converted data."""
-        if len(self.config_files) > 1:
-            extra = ""
-        else:
-            extra = f" 'hydra.searchpath=[file://{self.out}]'"
+        extra = "" if len(self.config_files) > 1 else f" 'hydra.searchpath=[file://{self.out}]'"
         return [
             f"python tools/check_dataset.py dataset={self.name}{extra}",
             f"python tools/train.py dataset={self.name}{extra}",
@@ -90,7 +87,8 @@ def _read_source(
 
 
 def _class_map(
-    settings: ConversionSettings, read: Sequence[tuple[Source, list[AnnotatedImage], CocoFile | None]]
+    settings: ConversionSettings,
+    read: Sequence[tuple[Source, list[AnnotatedImage], CocoFile | None]],
 ) -> ClassMap:
     if settings.format == "color":
         assert settings.classes is not None
@@ -100,7 +98,9 @@ def _class_map(
     else:
         found = found_labels([item for _, items, _ in read for item in items])
     classes = resolve_classes(found, settings.classes, settings.unlabelled, settings.unknown_labels)
-    classes.check((label, item.source) for _, items, _ in read for item in items for label in item.labels())
+    classes.check(
+        (label, item.source) for _, items, _ in read for item in items for label in item.labels()
+    )
     return classes
 
 
@@ -125,7 +125,8 @@ def _config_target(settings: ConversionSettings, config_dir: Path) -> Path | Non
 
 def _origin(settings: ConversionSettings) -> str:
     inputs = ", ".join(
-        f"{s.split or 'split by val_fraction'}: {s.input}" + (f" (images {s.images})" if s.images else "")
+        f"{s.split or 'split by val_fraction'}: {s.input}"
+        + (f" (images {s.images})" if s.images else "")
         for s in settings.sources
     )
     return f"format={settings.format} input {inputs}"
@@ -135,7 +136,11 @@ def _manifest(settings: ConversionSettings, result: ConversionResult) -> str:
     record: dict[str, Any] = {
         "format": settings.format,
         "inputs": [
-            {"split": s.split, "input": str(s.input), "images": None if s.images is None else str(s.images)}
+            {
+                "split": s.split,
+                "input": str(s.input),
+                "images": None if s.images is None else str(s.images),
+            }
             for s in settings.sources
         ],
         "split_rule": (
@@ -182,7 +187,9 @@ def convert_annotations(
     classes = _class_map(settings, read)
     if settings.split_by_fraction:
         items = read[0][1]
-        splits = split_by_fraction(items, [i.name for i in items], settings.val_fraction, settings.seed)
+        splits = split_by_fraction(
+            items, [i.name for i in items], settings.val_fraction, settings.seed
+        )
     else:
         splits = {s.split: items for s, items, _ in read if s.split is not None}
 
@@ -205,7 +212,7 @@ def convert_annotations(
             palette,
             mean,
             std,
-            settings.crop_size,
+            settings.crop_size or writer.stats["train"].default_crop(),
             _origin(settings),
         )
         copy = writer.write_text(f"dataset/{settings.name}.yaml", text)
@@ -225,4 +232,3 @@ def convert(cfg: DictConfig) -> int:
     result = convert_annotations(ConversionSettings.from_config(options))
     print(result.describe())
     return 0
-

@@ -37,7 +37,9 @@ class ImageSource:
         try:
             data = np.frombuffer(base64.b64decode(self.embedded or "", validate=True), np.uint8)
         except (binascii.Error, ValueError) as err:
-            raise DatasetError(f"imageData is not valid base64 ({err}): {self.annotation}") from None
+            raise DatasetError(
+                f"imageData is not valid base64 ({err}): {self.annotation}"
+            ) from None
         image = cv2.imdecode(data, cv2.IMREAD_COLOR) if data.size else None
         if image is None:
             raise DatasetError(f"imageData does not decode to an image: {self.annotation}")

@@ -49,7 +49,7 @@ class ConversionSettings:
     link: bool = True
     force: bool = False
     write_config: bool = False
-    crop_size: tuple[int, int] = (512, 512)
+    crop_size: tuple[int, int] | None = None  # None: from the train images' sizes
 
     @property
     def split_by_fraction(self) -> bool:
@@ -82,16 +82,19 @@ class ConversionSettings:
             raise ConfigError(
                 "images= is not used by format=labelme (each JSON's imagePath names its image)"
             )
-        crop = pair_setting(cfg.get("crop_size", [512, 512]), "crop_size")
-        assert crop is not None
+        crop = pair_setting(cfg.get("crop_size"), "crop_size")
         return cls(
             format=fmt,
             sources=_sources(cfg.get("input"), cfg.get("images")),
             out=out,
             name=name,
             classes=classes,
-            unknown_labels=_choice(cfg.get("unknown_labels", "error"), "unknown_labels", UNKNOWN_CHOICES),
-            unlabelled=_choice(cfg.get("unlabelled", "background"), "unlabelled", UNLABELLED_CHOICES),
+            unknown_labels=_choice(
+                cfg.get("unknown_labels", "error"), "unknown_labels", UNKNOWN_CHOICES
+            ),
+            unlabelled=_choice(
+                cfg.get("unlabelled", "background"), "unlabelled", UNLABELLED_CHOICES
+            ),
             crowd=_choice(cfg.get("crowd", "category"), "crowd", CROWD_CHOICES),
             color_to_trainid=None if rows is None else tuple(tuple(r) for r in _rows(rows)),
             val_fraction=float_setting(cfg.get("val_fraction", 0.2), "val_fraction"),
@@ -117,7 +120,9 @@ def _path(value: Any, key: str) -> Path:
 
 def _rows(rows: Any) -> list[Sequence[Any]]:
     if isinstance(rows, str) or not isinstance(rows, Sequence):
-        raise ConfigError(f"color_to_trainid must be a list of [R, G, B, train id] rows, got {rows!r}")
+        raise ConfigError(
+            f"color_to_trainid must be a list of [R, G, B, train id] rows, got {rows!r}"
+        )
     return [r if isinstance(r, Sequence) and not isinstance(r, str) else [r] for r in rows]
 
 
@@ -137,7 +142,9 @@ def _sources(inputs: Any, images: Any) -> tuple[Source, ...]:
             Source(
                 split,
                 _path(inputs[split], f"input.{split}"),
-                _images(images[split] if isinstance(images, Mapping) else images, f"images.{split}"),
+                _images(
+                    images[split] if isinstance(images, Mapping) else images, f"images.{split}"
+                ),
             )
             for split in SPLITS
             if split in inputs

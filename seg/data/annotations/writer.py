@@ -32,6 +32,9 @@ from seg.data.folder import IMAGE_SUFFIXES
 from seg.errors import ConfigError, DatasetError
 from seg.fileio import process_alive, write_bytes_atomic, write_png
 
+#: The default training crop's largest side (``SplitStats.default_crop``).
+MAX_DEFAULT_CROP = 512
+
 
 @dataclass
 class SplitStats:
@@ -42,6 +45,16 @@ class SplitStats:
     channel_sum: np.ndarray = field(default_factory=lambda: np.zeros(3, np.float64))
     channel_sq_sum: np.ndarray = field(default_factory=lambda: np.zeros(3, np.float64))
     pixels: int = 0
+    sizes: list[tuple[int, int]] = field(default_factory=list)  # (height, width) per image
+
+    def default_crop(self, largest: int = MAX_DEFAULT_CROP) -> tuple[int, int]:
+        """A training crop for these images: per side, the largest multiple of 32
+        (BiSeNetV2's output stride) within the median image size, at most ``largest``.
+        A fixed 512x512 crop on 120x160 images pads them to 13x the pixels, all ignored."""
+        if not self.sizes:
+            return (largest, largest)
+        median = np.median(np.asarray(self.sizes), axis=0)
+        return tuple(int(max(32, min(largest, side // 32 * 32))) for side in median)  # type: ignore[return-value]
 
     def mean_std(self) -> tuple[list[float], list[float]]:
         """Per-channel RGB mean and std of the images, 0-1 scale, 4 decimals."""
@@ -142,6 +155,7 @@ class DatasetWriter:
         stats.channel_sum += pixels.sum(0)
         stats.channel_sq_sum += (pixels**2).sum(0)
         stats.pixels += pixels.shape[0]
+        stats.sizes.append((height, width))
 
     def write_text(self, relative: str, text: str) -> Path:
         """Write a text file into the dataset (``relative`` to its root); returns its final path."""
@@ -163,4 +177,3 @@ class DatasetWriter:
         self._committed = True
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
-
