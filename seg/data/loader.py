@@ -274,13 +274,14 @@ def build_train_loader(
     """
     if batch_size < 1:
         raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
-    sampler: Sampler = InfiniteSampler(
-        len(dataset), seed=seed, rank=rank, world_size=world_size, start=start_iter * batch_size
-    )
+    start = start_iter * batch_size
+    sampler: Sampler
     if fixed_batches > 0:
         stream = InfiniteSampler(len(dataset), seed=seed, rank=rank, world_size=world_size)
-        sampler = FixedBatchesSampler(
-            stream, fixed_batches * batch_size, start=start_iter * batch_size
+        sampler = FixedBatchesSampler(stream, fixed_batches * batch_size, start=start)
+    else:
+        sampler = InfiniteSampler(
+            len(dataset), seed=seed, rank=rank, world_size=world_size, start=start
         )
     return SegDataLoader(
         OneLineErrors(dataset),

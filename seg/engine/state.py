@@ -305,10 +305,10 @@ def as_commanded(config: Mapping[str, Any]) -> dict[str, Any]:
 
 #: Settings added after checkpoints had been written, with the value that keeps what those
 #: runs did: a stored config without the key reads as having it, so that ``resume=auto``
-#: still continues the runs of older versions.
+#: still continues the runs of older versions. Keys whose default is null need no entry:
+#: an absent key and null compare equal (:func:`config_differences`).
 ADDED_KEY_DEFAULTS: dict[str, Any] = {
     "trainer.best_metric": "mIoU",
-    "trainer.early_stop.patience": None,
     "trainer.early_stop.min_delta": 0.0,
     "trainer.overfit_batches": 0,
 }
